@@ -1,0 +1,3 @@
+//! luadriver: runs Control4 DriverWorks-style Lua drivers outside a controller.
+
+pub mod mqtt;
