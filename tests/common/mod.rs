@@ -1,0 +1,27 @@
+//! Shared support for integration tests: real brokers on ephemeral loopback ports.
+#![allow(dead_code)]
+
+pub mod mosquitto;
+
+use std::time::{Duration, Instant};
+
+/// Polls `cond` until it holds or `timeout` passes; returns whether it held. For waiting on
+/// something a test cannot be told about (a port opening), never as a stand-in for an event.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A free TCP port on 127.0.0.1, chosen by the OS.
+pub fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    listener.local_addr().expect("local address").port()
+}
