@@ -1,3 +1,7 @@
 //! luadriver: runs Control4 DriverWorks-style Lua drivers outside a controller.
 
+pub mod c4;
+pub mod cli;
+pub mod driver;
 pub mod mqtt;
+pub mod package;

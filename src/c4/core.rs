@@ -1,0 +1,198 @@
+//! The small `C4` calls: output, logging, time, encoding, properties, identity and events.
+
+use super::fail;
+use crate::driver::context::DriverInfo;
+use crate::driver::event::DriverNotice;
+use base64::Engine;
+use mlua::{Lua, MultiValue, Table, Value, Variadic};
+use std::io::Write;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+pub fn install(lua: &Lua, c4: &Table) -> mlua::Result<()> {
+    lua.globals().set("print", lua.create_function(print)?)?;
+
+    c4.set(
+        "DebugLog",
+        lua.create_function(|lua, (_, msg): (Value, Value)| {
+            let info = driver_info(lua)?;
+            log::debug!(target: &info.name, "{}", display(lua, &msg)?);
+            Ok(())
+        })?,
+    )?;
+    c4.set(
+        "ErrorLog",
+        lua.create_function(|lua, (_, msg): (Value, Value)| {
+            let info = driver_info(lua)?;
+            log::error!(target: &info.name, "{}", display(lua, &msg)?);
+            Ok(())
+        })?,
+    )?;
+    c4.set("GetTime", lua.create_function(get_time)?)?;
+    c4.set(
+        "Base64Encode",
+        lua.create_function(|lua, (_, s): (Value, Value)| match s {
+            Value::String(s) => Ok(MultiValue::from_iter([Value::String(lua.create_string(
+                base64::engine::general_purpose::STANDARD.encode(s.as_bytes()),
+            )?)])),
+            other => fail(
+                lua,
+                format!("Base64Encode: expected a string, got {}", other.type_name()),
+            ),
+        })?,
+    )?;
+    c4.set(
+        "Base64Decode",
+        lua.create_function(|lua, (_, s): (Value, Value)| {
+            let Value::String(s) = s else {
+                return fail(
+                    lua,
+                    format!("Base64Decode: expected a string, got {}", s.type_name()),
+                );
+            };
+            // Line breaks and surrounding blanks are common in pasted base64; ignore them.
+            let compact: Vec<u8> = s
+                .as_bytes()
+                .iter()
+                .copied()
+                .filter(|b| !b.is_ascii_whitespace())
+                .collect();
+            match base64::engine::general_purpose::STANDARD.decode(&compact) {
+                Ok(bytes) => Ok(MultiValue::from_iter([Value::String(
+                    lua.create_string(bytes)?,
+                )])),
+                Err(e) => fail(lua, format!("Base64Decode: not valid base64: {e}")),
+            }
+        })?,
+    )?;
+    c4.set(
+        "UpdateProperty",
+        lua.create_function(|lua, (_, name, value): (Value, Value, Value)| {
+            let info = driver_info(lua)?;
+            let Value::String(name) = name else {
+                return fail(lua, "UpdateProperty: name must be a string".into());
+            };
+            let name = name.to_string_lossy();
+            let value = match value {
+                Value::String(s) => s.to_string_lossy(),
+                Value::Integer(_) | Value::Number(_) | Value::Boolean(_) => display(lua, &value)?,
+                other => {
+                    return fail(
+                        lua,
+                        format!(
+                            "UpdateProperty: value of '{name}' must be a string or number, got {}",
+                            other.type_name()
+                        ),
+                    );
+                }
+            };
+            if !info.declared_properties.contains(&name) {
+                log::warn!(target: &info.name, "UpdateProperty: the driver has no property named '{name}'");
+                return fail(lua, format!("UpdateProperty: no property named '{name}'"));
+            }
+            let props: Table = lua.globals().get("Properties")?;
+            props.set(name, value)?;
+            Ok(MultiValue::new())
+        })?,
+    )?;
+    c4.set(
+        "FireEvent",
+        lua.create_function(|lua, (_, name): (Value, Value)| {
+            let info = driver_info(lua)?;
+            let Value::String(name) = name else {
+                return fail(lua, "FireEvent: event name must be a string".into());
+            };
+            let name = name.to_string_lossy();
+            log::info!(target: &info.name, "event: {name}");
+            info.notify(DriverNotice::Event { id: info.id, name });
+            Ok(MultiValue::new())
+        })?,
+    )?;
+    c4.set(
+        "GetDeviceID",
+        lua.create_function(|lua, _: Value| Ok(driver_info(lua)?.id))?,
+    )?;
+    c4.set(
+        "GetDriverConfigInfo",
+        lua.create_function(|lua, (_, name): (Value, Value)| {
+            let info = driver_info(lua)?;
+            let Value::String(name) = name else {
+                return Ok(Value::Nil);
+            };
+            match info.config.get(&*name.to_str()?) {
+                Some(v) => Ok(Value::String(lua.create_string(v)?)),
+                None => Ok(Value::Nil),
+            }
+        })?,
+    )?;
+    Ok(())
+}
+
+pub(crate) fn driver_info(lua: &Lua) -> mlua::Result<mlua::AppDataRef<'_, DriverInfo>> {
+    lua.app_data_ref::<DriverInfo>()
+        .ok_or_else(|| mlua::Error::runtime("C4 called outside a driver"))
+}
+
+/// `tostring(v)`, honouring `__tostring`.
+fn display(lua: &Lua, v: &Value) -> mlua::Result<String> {
+    let tostring: mlua::Function = lua.globals().get("tostring")?;
+    let s: mlua::LuaString = tostring.call(v.clone())?;
+    Ok(s.to_string_lossy())
+}
+
+/// `print(...)`: the arguments joined by tabs, one line, flushed at once so a driver's
+/// output interleaves correctly with other drivers' and with a test's reading of stdout.
+fn print(lua: &Lua, args: Variadic<Value>) -> mlua::Result<()> {
+    let mut line = Vec::with_capacity(64);
+    let tostring: mlua::Function = lua.globals().get("tostring")?;
+    for (i, v) in args.iter().enumerate() {
+        if i > 0 {
+            line.push(b'\t');
+        }
+        let s: mlua::LuaString = tostring.call(v.clone())?;
+        line.extend_from_slice(&s.as_bytes());
+    }
+    line.push(b'\n');
+    let mut out = std::io::stdout().lock();
+    // A closed stdout (e.g. piped into `head`) must not kill the driver.
+    let _ = out.write_all(&line).and_then(|_| out.flush());
+    Ok(())
+}
+
+/// `C4:GetTime(units, fractional)`: time since the Unix epoch, in ms unless told otherwise.
+fn get_time(lua: &Lua, (_, units, fractional): (Value, Value, Value)) -> mlua::Result<MultiValue> {
+    let units = match &units {
+        Value::Nil => "ms".to_string(),
+        Value::String(s) => s.to_string_lossy().to_lowercase(),
+        other => {
+            return fail(
+                lua,
+                format!("GetTime: units must be a string, got {}", other.type_name()),
+            );
+        }
+    };
+    let nanos_per_unit: f64 = match units.as_str() {
+        "ns" => 1.0,
+        "us" => 1e3,
+        "ms" => 1e6,
+        "s" | "sec" => 1e9,
+        "min" | "m" => 60e9,
+        "h" => 3600e9,
+        "d" => 86400e9,
+        other => {
+            return fail(
+                lua,
+                format!("GetTime: unknown units '{other}' (use ns, us, ms, s, min, h or d)"),
+            );
+        }
+    };
+    let since_epoch = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    let value = since_epoch.as_nanos() as f64 / nanos_per_unit;
+    let value = if matches!(fractional, Value::Boolean(true)) {
+        value
+    } else {
+        value.floor()
+    };
+    Ok(MultiValue::from_iter([Value::Number(value)]))
+}

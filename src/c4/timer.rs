@@ -1,0 +1,124 @@
+//! `C4:SetTimer(ms, fn, repeat)` and the timer objects it returns.
+//!
+//! The schedule lives in the driver's [`DriverTimers`] (app data); the callback and the
+//! timer object live in a registry table keyed by timer id, removed when the timer ends,
+//! so nothing leaks and the event loop can fire a timer with one lookup.
+
+use super::fail;
+use crate::driver::context::DriverTimers;
+use crate::driver::timers::{Due, TimerId};
+use mlua::{AnyUserData, Function, Lua, MultiValue, Table, UserData, UserDataMethods, Value};
+use std::time::Duration;
+
+const CALLBACKS: &str = "luadriver.timers";
+
+/// What `SetTimer` returns: a handle with `:Cancel()`.
+pub struct LuaTimer {
+    id: TimerId,
+}
+
+impl UserData for LuaTimer {
+    fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
+        methods.add_method("Cancel", |lua, this, ()| {
+            cancel(lua, this.id)?;
+            Ok(())
+        });
+        methods.add_meta_method("__tostring", |_, this, ()| {
+            Ok(format!("C4Timer({})", this.id))
+        });
+    }
+}
+
+pub fn install(lua: &Lua, c4: &Table) -> mlua::Result<()> {
+    lua.set_named_registry_value(CALLBACKS, lua.create_table()?)?;
+    c4.set("SetTimer", lua.create_function(set_timer)?)?;
+    Ok(())
+}
+
+fn set_timer(
+    lua: &Lua,
+    (_, ms, callback, repeat): (Value, Value, Value, Value),
+) -> mlua::Result<MultiValue> {
+    let ms = match ms {
+        Value::Integer(n) => n as f64,
+        Value::Number(n) => n,
+        other => {
+            return fail(
+                lua,
+                format!(
+                    "SetTimer: delay must be a number of ms, got {}",
+                    other.type_name()
+                ),
+            );
+        }
+    };
+    if !ms.is_finite() || ms <= 0.0 {
+        return fail(lua, format!("SetTimer: delay must be > 0 ms, got {ms}"));
+    }
+    let Value::Function(callback) = callback else {
+        return fail(
+            lua,
+            format!(
+                "SetTimer: callback must be a function, got {}",
+                callback.type_name()
+            ),
+        );
+    };
+    let repeat = match repeat {
+        Value::Nil => false,
+        Value::Boolean(b) => b,
+        other => {
+            return fail(
+                lua,
+                format!(
+                    "SetTimer: repeat must be a boolean, got {}",
+                    other.type_name()
+                ),
+            );
+        }
+    };
+    let delay = Duration::from_secs_f64(ms / 1000.0);
+    let id = {
+        let mut timers = lua
+            .app_data_mut::<DriverTimers>()
+            .ok_or_else(|| mlua::Error::runtime("SetTimer called outside a driver"))?;
+        let now = timers.clock.now();
+        timers.heap.add(now, delay, repeat)
+    };
+    let object = lua.create_userdata(LuaTimer { id })?;
+    let entry =
+        lua.create_sequence_from([Value::Function(callback), Value::UserData(object.clone())])?;
+    callbacks(lua)?.raw_set(id, entry)?;
+    Ok(MultiValue::from_iter([Value::UserData(object)]))
+}
+
+fn callbacks(lua: &Lua) -> mlua::Result<Table> {
+    lua.named_registry_value(CALLBACKS)
+}
+
+fn cancel(lua: &Lua, id: TimerId) -> mlua::Result<()> {
+    if let Some(mut timers) = lua.app_data_mut::<DriverTimers>() {
+        timers.heap.cancel(id);
+    }
+    callbacks(lua)?.raw_set(id, Value::Nil)
+}
+
+/// The callback of a due timer, with its arguments: `fn(timer)` or, repeating,
+/// `fn(timer, skips)`. A finished timer's entry is dropped here. `None` when the timer was
+/// cancelled in the meantime.
+pub fn take_due(lua: &Lua, due: &Due) -> mlua::Result<Option<(Function, MultiValue)>> {
+    let table = callbacks(lua)?;
+    let Some(entry) = table.raw_get::<Option<Table>>(due.id)? else {
+        return Ok(None);
+    };
+    let callback: Function = entry.raw_get(1)?;
+    let object: AnyUserData = entry.raw_get(2)?;
+    if due.finished {
+        table.raw_set(due.id, Value::Nil)?;
+    }
+    let mut args = MultiValue::from_iter([Value::UserData(object)]);
+    if !due.finished {
+        args.push_back(Value::Integer(due.skips as i64));
+    }
+    Ok(Some((callback, args)))
+}

@@ -1,0 +1,170 @@
+//! The `luadriver` command line: argument parsing and the `run` subcommand.
+//!
+//! In: the process arguments. Out: an exit code (0 fine, 1 a driver or runtime failure,
+//! 2 a usage error) and messages on stderr that say what to do next.
+
+use crate::driver::{self, DriverEvent, DriverNotice, DriverSpec, InitType};
+use crate::package::DriverPackage;
+use clap::{Parser, Subcommand};
+use crossbeam_channel::{Receiver, select};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "luadriver",
+    version,
+    about = "Run DriverWorks-style Lua drivers outside a controller"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Load one driver (.lua or .c4z) and run it until Ctrl-C, SIGTERM or --for elapses.
+    Run(RunArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// The driver: a .lua file or a .c4z package.
+    pub driver: PathBuf,
+    /// Set a property before the driver starts (repeatable).
+    #[arg(long = "prop", value_name = "NAME=VALUE", value_parser = parse_prop)]
+    pub props: Vec<(String, String)>,
+    /// Stop after this long, e.g. 5s, 1m, 250ms.
+    #[arg(long = "for", value_name = "DURATION", value_parser = parse_duration)]
+    pub run_for: Option<Duration>,
+    /// The device id `C4:GetDeviceID()` returns.
+    #[arg(long, default_value_t = 1001)]
+    pub device_id: u32,
+}
+
+fn parse_prop(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((name, value)) if !name.is_empty() => Ok((name.to_string(), value.to_string())),
+        _ => Err(format!("expected NAME=VALUE, got '{s}'")),
+    }
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s)
+        .map_err(|e| format!("'{s}' is not a duration like 5s or 250ms: {e}"))
+}
+
+/// Runs the parsed command line and returns the process's exit code.
+pub fn main(cli: Cli) -> ExitCode {
+    match cli.command {
+        Command::Run(args) => run(args),
+    }
+}
+
+/// Sets up `env_logger`: `RUST_LOG` when given; otherwise warnings, the runtime's info
+/// lines, and everything the named drivers log (their `C4:DebugLog` too).
+pub fn init_logging(driver_names: &[String]) {
+    let mut builder = env_logger::Builder::new();
+    if let Ok(spec) = std::env::var("RUST_LOG") {
+        builder.parse_filters(&spec);
+    } else {
+        builder.filter_level(log::LevelFilter::Warn);
+        builder.filter_module("luadriver", log::LevelFilter::Info);
+        for name in driver_names {
+            builder.filter_module(name, log::LevelFilter::Debug);
+        }
+    }
+    let _ = builder.try_init();
+}
+
+/// A channel that yields once on Ctrl-C or SIGTERM.
+fn stop_signal() -> Receiver<()> {
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    if let Err(e) = ctrlc::set_handler(move || {
+        let _ = tx.try_send(());
+    }) {
+        log::warn!("cannot catch Ctrl-C/SIGTERM ({e}); stop with --for or kill");
+    }
+    rx
+}
+
+fn run(args: RunArgs) -> ExitCode {
+    let package = match DriverPackage::load(&args.driver) {
+        Ok(p) => p,
+        Err(e) => {
+            init_logging(&[]);
+            eprintln!("luadriver: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    init_logging(std::slice::from_ref(&package.name));
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("mqtt")
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("luadriver: cannot start the I/O runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let stop = stop_signal();
+    let (notices_tx, notices) = crossbeam_channel::unbounded();
+    let name = package.name.clone();
+    let spec = DriverSpec {
+        id: args.device_id,
+        package,
+        properties: args.props,
+        init_type: InitType::Adding,
+    };
+    let handle = match driver::spawn(spec, runtime.handle().clone(), notices_tx) {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("luadriver: cannot start a thread for the driver: {e}");
+            return ExitCode::from(1);
+        }
+    };
+
+    // Wait for the chunk and OnDriverInit.
+    match notices.recv() {
+        Ok(DriverNotice::Initialized { .. }) => {}
+        Ok(DriverNotice::Failed { error, .. }) => {
+            eprintln!("luadriver: {error}");
+            return ExitCode::from(1);
+        }
+        other => {
+            eprintln!("luadriver: the driver ended before it was initialized ({other:?})");
+            return ExitCode::from(1);
+        }
+    }
+    handle.send(DriverEvent::LateInit);
+    match args.run_for {
+        Some(d) => log::info!(
+            "running {name} for {} (Ctrl-C stops it sooner)",
+            humantime::format_duration(d)
+        ),
+        None => log::info!("running {name} (Ctrl-C to stop)"),
+    }
+
+    let deadline = args.run_for.map(|d| Instant::now() + d);
+    let timeout = match deadline {
+        Some(d) => crossbeam_channel::at(d),
+        None => crossbeam_channel::never(),
+    };
+    loop {
+        select! {
+            recv(stop) -> _ => break,
+            recv(timeout) -> _ => break,
+            recv(notices) -> notice => match notice {
+                Ok(DriverNotice::Stopped { .. }) | Err(_) => break,
+                Ok(_) => {}
+            },
+        }
+    }
+    log::info!("stopping {name}");
+    handle.stop("SHUTDOWN");
+    runtime.shutdown_timeout(Duration::from_secs(2));
+    ExitCode::SUCCESS
+}

@@ -1,0 +1,233 @@
+//! The single-threaded loop of one driver: waits for the next event or timer deadline,
+//! dispatches it to Lua, one at a time. A Lua error in any callback is logged with the
+//! driver's name and traceback, and the loop goes on.
+
+use super::context::{Clock, DriverInfo, DriverTimers};
+use super::event::{DriverEvent, DriverNotice};
+use super::timers::TimerHeap;
+use super::{DriverSpec, InitType, sandbox};
+use crate::c4;
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use mlua::{Function, IntoLuaMulti, Lua, Table, Value};
+use std::collections::VecDeque;
+
+/// A loaded driver, ready to run its loop on the current thread.
+pub struct DriverLoop {
+    lua: Lua,
+    id: u32,
+    name: String,
+    init_type: InitType,
+    events_rx: Receiver<DriverEvent>,
+    notices: Option<Sender<DriverNotice>>,
+}
+
+impl DriverLoop {
+    /// Builds the Lua state, runs the chunk and `OnDriverInit`. An error in the chunk fails
+    /// the load (`file:line: message`); an error in `OnDriverInit` is logged, not fatal.
+    pub fn load(
+        spec: DriverSpec,
+        events_tx: Sender<DriverEvent>,
+        events_rx: Receiver<DriverEvent>,
+        rt: tokio::runtime::Handle,
+        notices: Option<Sender<DriverNotice>>,
+    ) -> Result<DriverLoop, String> {
+        let package = spec.package;
+        let name = package.name.clone();
+        let lua = sandbox::new_state(package.modules.clone())
+            .map_err(|e| format!("{name}: cannot create the Lua state: {e}"))?;
+
+        // driver.xml defaults first, then what the user gave.
+        let mut properties = package.properties.clone();
+        for (k, v) in spec.properties {
+            match properties.iter_mut().find(|(name, _)| *name == k) {
+                Some(slot) => slot.1 = v,
+                None => properties.push((k, v)),
+            }
+        }
+        lua.set_app_data(DriverInfo {
+            id: spec.id,
+            name: name.clone(),
+            config: package.config.clone(),
+            declared_properties: properties.iter().map(|(k, _)| k.clone()).collect(),
+            events_tx,
+            notices: notices.clone(),
+            rt,
+        });
+        lua.set_app_data(DriverTimers {
+            heap: TimerHeap::default(),
+            clock: Clock::Real,
+        });
+        c4::install(&lua, &properties).map_err(|e| format!("{name}: cannot install C4: {e}"))?;
+
+        lua.load(&package.main_source[..])
+            .set_name(&package.main_chunk_name)
+            .set_mode(mlua::chunk::ChunkMode::Text)
+            .exec()
+            .map_err(|e| load_error_message(&e))?;
+
+        let driver = DriverLoop {
+            lua,
+            id: spec.id,
+            name,
+            init_type: spec.init_type,
+            events_rx,
+            notices,
+        };
+        driver.call_global("OnDriverInit", driver.init_type.as_str());
+        driver.notify(DriverNotice::Initialized { id: driver.id });
+        Ok(driver)
+    }
+
+    pub fn lua(&self) -> &Lua {
+        &self.lua
+    }
+
+    /// Runs until `Stop`. Events that arrive before `LateInit` wait for it, so
+    /// `OnDriverLateInit` always comes before anything else the driver is told.
+    pub fn run(self) {
+        let mut early = VecDeque::new();
+        loop {
+            match self.events_rx.recv() {
+                Ok(DriverEvent::LateInit) => break,
+                Ok(DriverEvent::Stop { reason }) => return self.stop(&reason),
+                Ok(other) => early.push_back(other),
+                Err(_) => return self.stop("DRIVER_REMOVED"),
+            }
+        }
+        self.call_global("OnDriverLateInit", self.init_type.as_str());
+        for event in early {
+            if let Some(reason) = self.dispatch(event) {
+                return self.stop(&reason);
+            }
+        }
+        loop {
+            self.fire_due_timers();
+            let deadline = self.next_deadline();
+            let received = match deadline {
+                Some(deadline) => self.events_rx.recv_deadline(deadline),
+                None => self
+                    .events_rx
+                    .recv()
+                    .map_err(|_| RecvTimeoutError::Disconnected),
+            };
+            match received {
+                Ok(event) => {
+                    if let Some(reason) = self.dispatch(event) {
+                        return self.stop(&reason);
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return self.stop("DRIVER_REMOVED"),
+            }
+        }
+    }
+
+    /// Handles one event; returns the stop reason when it was `Stop`.
+    fn dispatch(&self, event: DriverEvent) -> Option<String> {
+        match event {
+            DriverEvent::LateInit => {}
+            DriverEvent::Stop { reason } => return Some(reason),
+            DriverEvent::PropertyChanged { name, value } => {
+                let set = self
+                    .lua
+                    .globals()
+                    .get::<Table>("Properties")
+                    .and_then(|props| props.set(name.as_str(), value));
+                if let Err(e) = set {
+                    self.report("Properties", &e);
+                }
+                self.call_global("OnPropertyChanged", name);
+            }
+            DriverEvent::Command { command, params } => {
+                let args = self.lua.create_table().and_then(|t| {
+                    for (k, v) in params {
+                        t.set(k, v)?;
+                    }
+                    Ok(t)
+                });
+                match args {
+                    Ok(t) => self.call_global("ExecuteCommand", (command, t)),
+                    Err(e) => self.report("ExecuteCommand", &e),
+                }
+            }
+            DriverEvent::Mqtt { client, event } => {
+                if let Err(e) = c4::mqtt::deliver(&self.lua, client, event) {
+                    self.report("MQTT callback", &e);
+                }
+            }
+        }
+        None
+    }
+
+    fn next_deadline(&self) -> Option<std::time::Instant> {
+        let mut timers = self.lua.app_data_mut::<DriverTimers>()?;
+        match timers.clock {
+            Clock::Real => timers.heap.next_deadline(),
+            // Virtual time only moves when the harness says so.
+            Clock::Virtual { .. } => None,
+        }
+    }
+
+    fn fire_due_timers(&self) {
+        loop {
+            // The borrow of the timers ends before Lua runs: a callback may set timers.
+            let due = {
+                let Some(mut timers) = self.lua.app_data_mut::<DriverTimers>() else {
+                    return;
+                };
+                let now = timers.clock.now();
+                timers.heap.pop_due(now)
+            };
+            let Some(due) = due else { return };
+            match c4::timer_callback(&self.lua, &due) {
+                Ok(Some((callback, args))) => self.call("timer callback", &callback, args),
+                Ok(None) => {}
+                Err(e) => self.report("timer", &e),
+            }
+        }
+    }
+
+    fn stop(self, reason: &str) {
+        self.call_global("OnDriverDestroyed", reason);
+        self.notify(DriverNotice::Stopped { id: self.id });
+    }
+
+    /// Calls a global function of the driver if it defines one.
+    fn call_global(&self, name: &str, args: impl IntoLuaMulti) {
+        match self.lua.globals().get::<Value>(name) {
+            Ok(Value::Function(f)) => self.call(name, &f, args),
+            Ok(Value::Nil) => {}
+            Ok(other) => log::warn!(
+                target: &self.name,
+                "{name} is a {}, not a function; not called",
+                other.type_name()
+            ),
+            Err(e) => self.report(name, &e),
+        }
+    }
+
+    fn call(&self, what: &str, f: &Function, args: impl IntoLuaMulti) {
+        if let Err(e) = f.call::<()>(args) {
+            self.report(what, &e);
+        }
+    }
+
+    /// An error from Lua: logged with the driver's name (the log target) and traceback.
+    fn report(&self, what: &str, error: &mlua::Error) {
+        log::error!(target: &self.name, "error in {what}: {error}");
+    }
+
+    fn notify(&self, notice: DriverNotice) {
+        if let Some(tx) = &self.notices {
+            let _ = tx.send(notice);
+        }
+    }
+}
+
+/// A load error as the user needs it: `file:line: message`, then the traceback if any.
+fn load_error_message(e: &mlua::Error) -> String {
+    match e {
+        mlua::Error::SyntaxError { message, .. } => message.clone(),
+        other => other.to_string(),
+    }
+}

@@ -1,0 +1,117 @@
+//! One driver = one Lua state = one event loop on its own OS thread.
+//!
+//! In: a [`DriverSpec`] and [`DriverEvent`]s through its [`DriverHandle`]. Out:
+//! [`DriverNotice`]s to the host, and whatever the driver does through `C4`.
+//! Lifecycle: the chunk runs, then `OnDriverInit(initType)`; on `LateInit`,
+//! `OnDriverLateInit(initType)`; then events until `Stop`, then `OnDriverDestroyed(reason)`.
+
+pub mod context;
+pub mod event;
+mod event_loop;
+mod sandbox;
+pub mod timers;
+
+pub use event::{ClientKey, DriverEvent, DriverNotice};
+pub use event_loop::DriverLoop;
+
+use crate::package::DriverPackage;
+use crossbeam_channel::Sender;
+use std::thread::JoinHandle;
+
+/// `OnDriverInit`'s argument: why the driver is starting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum InitType {
+    #[default]
+    Adding,
+    Startup,
+    Updating,
+}
+
+impl InitType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InitType::Adding => "DIT_ADDING",
+            InitType::Startup => "DIT_STARTUP",
+            InitType::Updating => "DIT_UPDATING",
+        }
+    }
+}
+
+/// Everything needed to start one driver.
+#[derive(Debug, Clone)]
+pub struct DriverSpec {
+    /// `C4:GetDeviceID()`.
+    pub id: u32,
+    pub package: DriverPackage,
+    /// Values given at start (command line, host config); they override driver.xml defaults.
+    pub properties: Vec<(String, String)>,
+    pub init_type: InitType,
+}
+
+/// The host's side of a running driver.
+pub struct DriverHandle {
+    pub id: u32,
+    pub name: String,
+    events_tx: Sender<DriverEvent>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl DriverHandle {
+    /// Queues an event for the driver; false when its loop has ended.
+    pub fn send(&self, event: DriverEvent) -> bool {
+        self.events_tx.send(event).is_ok()
+    }
+
+    /// Asks the driver to stop (`OnDriverDestroyed(reason)`) and waits for its thread.
+    pub fn stop(mut self, reason: &str) {
+        self.stop_and_join(reason);
+    }
+
+    fn stop_and_join(&mut self, reason: &str) {
+        let _ = self.events_tx.send(DriverEvent::Stop {
+            reason: reason.to_string(),
+        });
+        if let Some(thread) = self.thread.take()
+            && thread.join().is_err()
+        {
+            log::error!(target: &self.name, "driver thread panicked");
+        }
+    }
+}
+
+impl Drop for DriverHandle {
+    fn drop(&mut self) {
+        if self.thread.is_some() {
+            self.stop_and_join("DRIVER_REMOVED");
+        }
+    }
+}
+
+/// Starts a driver on its own thread. Load errors arrive as [`DriverNotice::Failed`].
+pub fn spawn(
+    spec: DriverSpec,
+    rt: tokio::runtime::Handle,
+    notices: Sender<DriverNotice>,
+) -> std::io::Result<DriverHandle> {
+    let (events_tx, events_rx) = crossbeam_channel::unbounded();
+    let id = spec.id;
+    let name = spec.package.name.clone();
+    let loop_tx = events_tx.clone();
+    let thread = std::thread::Builder::new()
+        .name(format!("driver-{name}"))
+        .spawn(move || {
+            let id = spec.id;
+            match DriverLoop::load(spec, loop_tx, events_rx, rt, Some(notices.clone())) {
+                Ok(driver) => driver.run(),
+                Err(error) => {
+                    let _ = notices.send(DriverNotice::Failed { id, error });
+                }
+            }
+        })?;
+    Ok(DriverHandle {
+        id,
+        name,
+        events_tx,
+        thread: Some(thread),
+    })
+}
