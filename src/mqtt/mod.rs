@@ -6,3 +6,5 @@ pub mod codes;
 mod types;
 
 pub use types::*;
+mod shim;
+pub use shim::{MqttHandle, spawn_client, tls, wire};
