@@ -9,6 +9,9 @@ local function is_binary(s)
 end
 
 function load(chunk, chunkname, _mode, env)
+  if is_binary(chunk) then
+    return nil, BINARY_CHUNK
+  end
   return raw_load(chunk, chunkname, "t", env)
 end
 

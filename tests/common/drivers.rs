@@ -1,0 +1,147 @@
+//! Drivers started in-process for tests. A test driver reports what it saw with
+//! `C4:FireEvent(text)`; the test reads those notices in order, each wait bounded.
+
+use crossbeam_channel::Receiver;
+use luadriver::driver::{self, DriverEvent, DriverHandle, DriverNotice, DriverSpec, InitType};
+use luadriver::package::DriverPackage;
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+pub const WAIT: Duration = Duration::from_secs(10);
+
+pub struct TestDriver {
+    pub handle: Option<DriverHandle>,
+    pub notices: Receiver<DriverNotice>,
+    pub runtime: tokio::runtime::Runtime,
+    pub dir: tempfile::TempDir,
+    /// Events fired before `Initialized` (by the chunk or `OnDriverInit`).
+    early: RefCell<VecDeque<String>>,
+}
+
+impl TestDriver {
+    /// Writes `source` as `driver.lua` in a fresh folder and starts it up to `LateInit`.
+    pub fn start(source: &str) -> TestDriver {
+        Self::start_with(source, &[], &[])
+    }
+
+    /// Also writes extra files (modules) beside it and sets properties.
+    pub fn start_with(source: &str, files: &[(&str, &str)], props: &[(&str, &str)]) -> TestDriver {
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::write(dir.path().join("driver.lua"), source).expect("write driver");
+        for (name, text) in files {
+            let path = dir.path().join(name);
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent).expect("module folder");
+            }
+            std::fs::write(path, text).expect("write module");
+        }
+        let package = DriverPackage::load(&dir.path().join("driver.lua")).expect("load package");
+        Self::start_package(package, dir, props)
+    }
+
+    pub fn start_package(
+        package: DriverPackage,
+        dir: tempfile::TempDir,
+        props: &[(&str, &str)],
+    ) -> TestDriver {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("tokio runtime");
+        let (tx, notices) = crossbeam_channel::unbounded();
+        let spec = DriverSpec {
+            id: 42,
+            package,
+            properties: props
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            init_type: InitType::Adding,
+        };
+        let handle = driver::spawn(spec, runtime.handle().clone(), tx).expect("spawn driver");
+        let d = TestDriver {
+            handle: Some(handle),
+            notices,
+            runtime,
+            dir,
+            early: RefCell::new(VecDeque::new()),
+        };
+        loop {
+            match d.notices.recv_timeout(WAIT) {
+                Ok(DriverNotice::Initialized { .. }) => break,
+                Ok(DriverNotice::Event { name, .. }) => d.early.borrow_mut().push_back(name),
+                other => panic!("driver did not initialize: {other:?}"),
+            }
+        }
+        d.send(DriverEvent::LateInit);
+        d
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn send(&self, event: DriverEvent) {
+        assert!(
+            self.handle.as_ref().expect("running").send(event),
+            "driver loop ended"
+        );
+    }
+
+    /// The next `C4:FireEvent` text, skipping nothing; panics after `WAIT`.
+    pub fn next(&self) -> String {
+        self.next_within(WAIT)
+            .unwrap_or_else(|| panic!("no event from the driver within {WAIT:?}"))
+    }
+
+    pub fn next_within(&self, timeout: Duration) -> Option<String> {
+        if let Some(e) = self.early.borrow_mut().pop_front() {
+            return Some(e);
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.notices.recv_deadline(deadline) {
+                Ok(DriverNotice::Event { name, .. }) => return Some(name),
+                Ok(DriverNotice::Stopped { .. }) => return None,
+                Ok(_) => continue,
+                Err(_) => return None,
+            }
+        }
+    }
+
+    /// Asserts the next events are exactly `expected`, in order.
+    pub fn expect(&self, expected: &[&str]) {
+        for want in expected {
+            assert_eq!(&self.next(), want);
+        }
+    }
+
+    /// Waits for an event satisfying `pred`, returning those passed over.
+    pub fn wait_for(&self, pred: impl Fn(&str) -> bool) -> (String, Vec<String>) {
+        let mut skipped = Vec::new();
+        loop {
+            let e = self.next();
+            if pred(&e) {
+                return (e, skipped);
+            }
+            skipped.push(e);
+        }
+    }
+
+    /// Stops the driver (OnDriverDestroyed) and returns the events it fired meanwhile.
+    pub fn stop(mut self) -> Vec<String> {
+        if let Some(h) = self.handle.take() {
+            h.stop("TEST_DONE");
+        }
+        self.notices
+            .try_iter()
+            .filter_map(|n| match n {
+                DriverNotice::Event { name, .. } => Some(name),
+                _ => None,
+            })
+            .collect()
+    }
+}

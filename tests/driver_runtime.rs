@@ -1,0 +1,357 @@
+//! The driver runtime: lifecycle, the C4 core calls (good and bad input), the sandbox,
+//! error containment and isolation between drivers. Drivers report with C4:FireEvent.
+
+mod common;
+
+use common::drivers::TestDriver;
+use luadriver::driver::DriverEvent;
+use std::time::{Duration, Instant};
+
+/// `say(...)`: fires one event holding the arguments' tostring, space-separated.
+const SAY: &str = r#"
+local function say(...)
+  local parts = {}
+  for i = 1, select('#', ...) do parts[#parts + 1] = tostring((select(i, ...))) end
+  C4:FireEvent(table.concat(parts, " "))
+end
+"#;
+
+fn driver(body: &str) -> TestDriver {
+    TestDriver::start(&format!("{SAY}\n{body}"))
+}
+
+#[test]
+fn lifecycle_runs_chunk_then_init_then_late_init_then_events_then_destroyed() {
+    let d = driver(
+        r#"
+        say("chunk")
+        function OnDriverInit(t) say("init", t) end
+        function OnDriverLateInit(t) say("late", t) end
+        function ExecuteCommand(cmd, params) say("command", cmd, params.level) end
+        function OnDriverDestroyed(reason) say("destroyed", reason) end
+        "#,
+    );
+    d.expect(&["chunk", "init DIT_ADDING", "late DIT_ADDING"]);
+    d.send(DriverEvent::Command {
+        command: "SET_LEVEL".into(),
+        params: vec![("level".into(), "40".into())],
+    });
+    d.expect(&["command SET_LEVEL 40"]);
+    assert_eq!(d.stop(), vec!["destroyed TEST_DONE"]);
+}
+
+#[test]
+fn events_sent_before_late_init_wait_for_it() {
+    // A command queued while OnDriverInit runs is delivered after OnDriverLateInit.
+    let d = driver(
+        r#"
+        function OnDriverLateInit() say("late") end
+        function ExecuteCommand(cmd) say("command", cmd) end
+        "#,
+    );
+    d.expect(&["late"]);
+    d.send(DriverEvent::Command {
+        command: "X".into(),
+        params: vec![],
+    });
+    d.expect(&["command X"]);
+}
+
+#[test]
+fn one_shot_timer_fires_once_and_cancel_stops_a_repeating_one() {
+    let d = driver(
+        r#"
+        function OnDriverLateInit()
+          C4:SetTimer(20, function(t) say("once", type(t)) end)
+          local n = 0
+          C4:SetTimer(10, function(t, skips)
+            n = n + 1
+            say("tick", n, type(skips))
+            if n == 3 then t:Cancel(); C4:SetTimer(100, function() say("after") end) end
+          end, true)
+        end
+        "#,
+    );
+    let (_, before) = d.wait_for(|e| e == "after");
+    assert_eq!(
+        before
+            .iter()
+            .filter(|e| e.starts_with("tick"))
+            .collect::<Vec<_>>(),
+        vec!["tick 1 number", "tick 2 number", "tick 3 number"]
+    );
+    assert_eq!(before.iter().filter(|e| e.starts_with("once")).count(), 1);
+    assert!(before.contains(&"once userdata".to_string()));
+    assert_eq!(d.next_within(Duration::from_millis(100)), None);
+}
+
+#[test]
+fn repeating_timer_reports_periods_skipped_while_the_driver_was_busy() {
+    let d = driver(
+        r#"
+        function OnDriverLateInit()
+          local n = 0
+          C4:SetTimer(20, function(t, skips)
+            n = n + 1
+            if n == 1 then
+              local t0 = C4:GetTime("ms", true)
+              while C4:GetTime("ms", true) - t0 < 150 do end   -- busy for ~7 periods
+            elseif n == 2 then
+              say("skips", skips); t:Cancel()
+            end
+          end, true)
+        end
+        "#,
+    );
+    let e = d.next();
+    let skips: u32 = e
+        .strip_prefix("skips ")
+        .expect(&e)
+        .parse()
+        .expect("a number");
+    assert!(
+        (4..=9).contains(&skips),
+        "expected about 6 skipped periods, got {skips}"
+    );
+}
+
+#[test]
+fn set_timer_rejects_bad_arguments_with_nil_and_a_message() {
+    let d = driver(
+        r#"
+        function OnDriverLateInit()
+          say(C4:SetTimer(0, function() end))
+          say(C4:SetTimer(-5, function() end))
+          say(C4:SetTimer("x", function() end))
+          say(C4:SetTimer(10, "not a function"))
+          say(C4:SetTimer(10, function() end, "yes"))
+          say("still running")
+        end
+        "#,
+    );
+    d.expect(&[
+        "nil SetTimer: delay must be > 0 ms, got 0",
+        "nil SetTimer: delay must be > 0 ms, got -5",
+        "nil SetTimer: delay must be a number of ms, got string",
+        "nil SetTimer: callback must be a function, got string",
+        "nil SetTimer: repeat must be a boolean, got string",
+        "still running",
+    ]);
+}
+
+#[test]
+fn get_time_counts_from_the_epoch_in_the_units_asked() {
+    let d = driver(
+        r#"
+        function OnDriverLateInit()
+          local ms, s = C4:GetTime(), C4:GetTime("s")
+          say(math.abs(ms / 1000 - s) < 2, ms == math.floor(ms), s > 1.7e9)
+          local frac = C4:GetTime("s", true)
+          say(frac ~= math.floor(frac) or frac == math.floor(frac))
+          say(math.abs(C4:GetTime("us") / 1e6 - s) < 2, math.abs(C4:GetTime("min") - s / 60) < 1)
+          say(math.abs(C4:GetTime("h") - s / 3600) < 1, math.abs(C4:GetTime("d") - s / 86400) < 1)
+          say(C4:GetTime("fortnights"))
+        end
+        "#,
+    );
+    d.expect(&[
+        "true true true",
+        "true",
+        "true true",
+        "true true",
+        "nil GetTime: unknown units 'fortnights' (use ns, us, ms, s, min, h or d)",
+    ]);
+}
+
+#[test]
+fn base64_round_trips_binary_and_rejects_garbage() {
+    let d = driver(
+        r#"
+        function OnDriverLateInit()
+          local bin = string.char(0, 1, 2, 255, 254) .. "text"
+          say(C4:Base64Encode("hello"), C4:Base64Decode(C4:Base64Encode(bin)) == bin)
+          say(C4:Base64Decode("aGVs\nbG8="))
+          say(C4:Base64Decode("***"))
+          say(C4:Base64Encode({}))
+        end
+        "#,
+    );
+    d.expect(&[
+        "aGVsbG8= true",
+        "hello",
+        "nil Base64Decode: not valid base64: Invalid symbol 42, offset 0.",
+        "nil Base64Encode: expected a string, got table",
+    ]);
+}
+
+#[test]
+fn properties_start_with_given_values_and_change_through_events() {
+    let d = TestDriver::start_with(
+        &format!(
+            "{SAY}\n{}",
+            r#"
+            function OnDriverLateInit() say("start", Properties["Room"], Properties["Missing"]) end
+            function OnPropertyChanged(name) say("changed", name, Properties[name]) end
+            function ExecuteCommand(cmd)
+              say(C4:UpdateProperty("Room", "Attic"))
+              say("now", Properties["Room"])
+              say(C4:UpdateProperty("Nope", "x"))
+              say(C4:UpdateProperty("Room", {}))
+            end
+            "#
+        ),
+        &[],
+        &[("Room", "Kitchen")],
+    );
+    d.expect(&["start Kitchen nil"]);
+    d.send(DriverEvent::PropertyChanged {
+        name: "Room".into(),
+        value: "Hall".into(),
+    });
+    d.expect(&["changed Room Hall"]);
+    // UpdateProperty changes the value without calling OnPropertyChanged.
+    d.send(DriverEvent::Command {
+        command: "go".into(),
+        params: vec![],
+    });
+    d.expect(&[
+        "",
+        "now Attic",
+        "nil UpdateProperty: no property named 'Nope'",
+        "nil UpdateProperty: value of 'Room' must be a string or number, got table",
+    ]);
+}
+
+#[test]
+fn device_id_and_fire_event_reach_the_host() {
+    let d = driver(
+        r#"function OnDriverLateInit() say("id", C4:GetDeviceID()) say(C4:FireEvent(42)) end"#,
+    );
+    d.expect(&["id 42", "nil FireEvent: event name must be a string"]);
+}
+
+#[test]
+fn sandbox_has_no_escape_hatches() {
+    let d = driver(
+        r#"
+        function OnDriverLateInit()
+          say(ffi, debug, io.popen, os.execute, os.exit, package.loadlib, string.dump, jit ~= nil, bit ~= nil)
+          say(pcall(require, "ffi"))
+          say(package.cpath)
+          say(loadstring(string.char(27) .. "LJ\2"))
+          say(load(string.char(27) .. "LJ\2"))
+          local ok, err = pcall(load, function() return nil end)
+          say(type(loadstring("return 1")), loadstring("return 1")())
+        end
+        "#,
+    );
+    d.expect(&["nil nil nil nil nil nil nil true true"]);
+    let e = d.next();
+    assert!(e.starts_with("false module 'ffi' not found"), "{e}");
+    d.expect(&["", "nil binary chunks are not allowed"]);
+    d.expect(&["nil binary chunks are not allowed", "function 1"]);
+}
+
+#[test]
+fn require_finds_modules_in_the_drivers_folder_only() {
+    let d = TestDriver::start_with(
+        &format!(
+            "{SAY}\n{}",
+            r#"
+            local helper = require("helper")
+            local nested = require("sub.nested")
+            say(helper.greet(), nested.value, require("helper") == helper)
+            say(pcall(require, "../../etc/passwd"))
+            "#
+        ),
+        &[
+            (
+                "helper.lua",
+                "return { greet = function() return 'hi' end }",
+            ),
+            ("sub/nested.lua", "return { value = 7 }"),
+        ],
+        &[],
+    );
+    d.expect(&["hi 7 true"]);
+    let e = d.next();
+    assert!(
+        e.starts_with("false module '../../etc/passwd' not found"),
+        "{e}"
+    );
+}
+
+#[test]
+fn errors_in_callbacks_are_contained_and_the_driver_keeps_running() {
+    let d = driver(
+        r#"
+        function OnDriverInit() error("init failed") end
+        function OnDriverLateInit()
+          C4:SetTimer(5, function() error("timer failed") end)
+          C4:SetTimer(30, function() say("alive after errors") end)
+        end
+        function ExecuteCommand() local x = nil; return x.field end
+        "#,
+    );
+    d.expect(&["alive after errors"]);
+    d.send(DriverEvent::Command {
+        command: "boom".into(),
+        params: vec![],
+    });
+    d.send(DriverEvent::PropertyChanged {
+        name: "p".into(),
+        value: "v".into(),
+    });
+    // No OnPropertyChanged is defined: nothing happens, and the driver still answers.
+    d.stop();
+}
+
+#[test]
+fn a_stuck_driver_does_not_delay_another_drivers_timers() {
+    let stuck = driver(
+        r#"
+        function ExecuteCommand()
+          say("stuck")
+          local t0 = C4:GetTime("ms", true)
+          while C4:GetTime("ms", true) - t0 < 1500 do end
+          say("unstuck")
+        end
+        "#,
+    );
+    let ticker = driver(
+        r#"
+        function OnDriverLateInit()
+          local n = 0
+          C4:SetTimer(50, function() n = n + 1; say("tick", n) end, true)
+        end
+        "#,
+    );
+    stuck.send(DriverEvent::Command {
+        command: "hang".into(),
+        params: vec![],
+    });
+    stuck.expect(&["stuck"]);
+    let start = Instant::now();
+    let mut last = Instant::now();
+    let mut ticks = 0;
+    let mut worst = Duration::ZERO;
+    while start.elapsed() < Duration::from_millis(1200) {
+        ticker.next();
+        worst = worst.max(last.elapsed());
+        last = Instant::now();
+        ticks += 1;
+    }
+    assert!(
+        stuck.next_within(Duration::from_millis(10)).is_none(),
+        "the stuck driver must still be stuck while we measured"
+    );
+    assert!(
+        ticks >= 15,
+        "only {ticks} ticks in 1.2 s with a 50 ms timer"
+    );
+    assert!(
+        worst < Duration::from_millis(300),
+        "a tick came {worst:?} late"
+    );
+    stuck.expect(&["unstuck"]);
+}
