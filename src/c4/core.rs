@@ -36,7 +36,10 @@ pub fn install(lua: &Lua, c4: &Table) -> mlua::Result<()> {
             )?)])),
             other => fail(
                 lua,
-                format!("Base64Encode: expected a string, got {}", other.type_name()),
+                format!(
+                    "Base64Encode: expected a string, got {}",
+                    crate::c4::lua_type(&other)
+                ),
             ),
         })?,
     )?;
@@ -46,7 +49,10 @@ pub fn install(lua: &Lua, c4: &Table) -> mlua::Result<()> {
             let Value::String(s) = s else {
                 return fail(
                     lua,
-                    format!("Base64Decode: expected a string, got {}", s.type_name()),
+                    format!(
+                        "Base64Decode: expected a string, got {}",
+                        crate::c4::lua_type(&s)
+                    ),
                 );
             };
             // Line breaks and surrounding blanks are common in pasted base64; ignore them.
@@ -80,7 +86,7 @@ pub fn install(lua: &Lua, c4: &Table) -> mlua::Result<()> {
                         lua,
                         format!(
                             "UpdateProperty: value of '{name}' must be a string or number, got {}",
-                            other.type_name()
+                            crate::c4::lua_type(&other)
                         ),
                     );
                 }
@@ -166,7 +172,10 @@ fn get_time(lua: &Lua, (_, units, fractional): (Value, Value, Value)) -> mlua::R
         other => {
             return fail(
                 lua,
-                format!("GetTime: units must be a string, got {}", other.type_name()),
+                format!(
+                    "GetTime: units must be a string, got {}",
+                    crate::c4::lua_type(&other)
+                ),
             );
         }
     };

@@ -36,3 +36,11 @@ pub(crate) fn fail(lua: &Lua, message: String) -> mlua::Result<mlua::MultiValue>
         mlua::Value::String(lua.create_string(message)?),
     ]))
 }
+
+/// A value's type as Lua 5.1 names it (`type(v)`): integers are numbers.
+pub(crate) fn lua_type(v: &mlua::Value) -> &'static str {
+    match v {
+        mlua::Value::Integer(_) => "number",
+        other => other.type_name(),
+    }
+}

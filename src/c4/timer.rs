@@ -47,7 +47,7 @@ fn set_timer(
                 lua,
                 format!(
                     "SetTimer: delay must be a number of ms, got {}",
-                    other.type_name()
+                    crate::c4::lua_type(&other)
                 ),
             );
         }
@@ -60,7 +60,7 @@ fn set_timer(
             lua,
             format!(
                 "SetTimer: callback must be a function, got {}",
-                callback.type_name()
+                crate::c4::lua_type(&callback)
             ),
         );
     };
@@ -72,7 +72,7 @@ fn set_timer(
                 lua,
                 format!(
                     "SetTimer: repeat must be a boolean, got {}",
-                    other.type_name()
+                    crate::c4::lua_type(&other)
                 ),
             );
         }

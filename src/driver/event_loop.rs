@@ -200,7 +200,7 @@ impl DriverLoop {
             Ok(other) => log::warn!(
                 target: &self.name,
                 "{name} is a {}, not a function; not called",
-                other.type_name()
+                crate::c4::lua_type(&other)
             ),
             Err(e) => self.report(name, &e),
         }

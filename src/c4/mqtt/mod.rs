@@ -277,7 +277,7 @@ fn register_callback(name: &str, args: MultiValue) -> Result<(), ApiError> {
     if !matches!(f, Value::Function(_) | Value::Nil) {
         return Err(ApiError::inval(format!(
             "{name}: expected a function or nil, got {}",
-            f.type_name()
+            crate::c4::lua_type(&f)
         )));
     }
     // Kept as a user value of the object: no registry key to leak, and a callback that
@@ -322,7 +322,7 @@ fn set_username_and_password(c: &mut LuaMqttClient, _: &Lua, args: &Args) -> Res
         other => {
             return Err(ApiError::inval(format!(
                 "{M}: user must be a string, got {}",
-                other.type_name()
+                crate::c4::lua_type(&other)
             )));
         }
     };
@@ -332,7 +332,7 @@ fn set_username_and_password(c: &mut LuaMqttClient, _: &Lua, args: &Args) -> Res
         other => {
             return Err(ApiError::inval(format!(
                 "{M}: password must be a string, got {}",
-                other.type_name()
+                crate::c4::lua_type(&other)
             )));
         }
     };
@@ -363,29 +363,45 @@ fn retain_arg(method: &str, v: &Value) -> Result<bool, ApiError> {
         Value::Boolean(b) => Ok(*b),
         other => Err(ApiError::inval(format!(
             "{method}: retain must be a boolean, got {}",
-            other.type_name()
+            crate::c4::lua_type(&other)
         ))),
     }
 }
 
-/// Payload argument: nil (empty), a string, or a number sent as its `tostring`.
-fn payload_arg(method: &str, lua: &Lua, v: &Value) -> Result<Bytes, ApiError> {
+/// Payload argument: nil (empty), a string, or a number sent as its `tostring`. Not
+/// copied yet: the size check comes later in the spec's order, and a payload that fails
+/// it may be hundreds of megabytes.
+fn payload_arg(method: &str, lua: &Lua, v: &Value) -> Result<mlua::LuaString, ApiError> {
     match v {
-        Value::Nil => Ok(Bytes::new()),
-        Value::String(s) => Ok(Bytes::copy_from_slice(&s.as_bytes())),
-        Value::Integer(_) | Value::Number(_) => {
-            let text = lua
-                .globals()
-                .get::<mlua::Function>("tostring")
-                .and_then(|f| f.call::<mlua::LuaString>(v.clone()))
-                .map_err(|e| ApiError::new(err::UNKNOWN, format!("{method}: {e}")))?;
-            Ok(Bytes::copy_from_slice(&text.as_bytes()))
-        }
+        Value::Nil => lua
+            .create_string("")
+            .map_err(|e| ApiError::new(err::NOMEM, format!("{method}: {e}"))),
+        Value::String(s) => Ok(s.clone()),
+        Value::Integer(_) | Value::Number(_) => lua
+            .globals()
+            .get::<mlua::Function>("tostring")
+            .and_then(|f| f.call::<mlua::LuaString>(v.clone()))
+            .map_err(|e| ApiError::new(err::UNKNOWN, format!("{method}: {e}"))),
         other => Err(ApiError::inval(format!(
             "{method}: payload must be a string, number or nil, got {}",
-            other.type_name()
+            crate::c4::lua_type(&other)
         ))),
     }
+}
+
+/// The payload's bytes, once every check before the size check has passed.
+fn payload_bytes(method: &str, payload: &mlua::LuaString) -> Result<Bytes, ApiError> {
+    let bytes = payload.as_bytes();
+    if bytes.len() > MAX_PAYLOAD {
+        return Err(ApiError::new(
+            err::PAYLOAD_SIZE,
+            format!(
+                "{method}: payload is {} bytes; MQTT allows {MAX_PAYLOAD}",
+                bytes.len()
+            ),
+        ));
+    }
+    Ok(Bytes::copy_from_slice(&bytes))
 }
 
 fn set_will(c: &mut LuaMqttClient, lua: &Lua, args: &Args) -> Result<(), ApiError> {
@@ -396,13 +412,8 @@ fn set_will(c: &mut LuaMqttClient, lua: &Lua, args: &Args) -> Result<(), ApiErro
     let qos = qos_arg(M, arg(args, 2))?;
     let retain = retain_arg(M, arg(args, 3))?;
     let props = props::from_lua(M, arg(args, 4), PacketKind::Will, c.is_v5())?;
-    check_payload_format(M, &props, &payload)?;
-    if payload.len() > MAX_PAYLOAD {
-        return Err(ApiError::new(
-            err::PAYLOAD_SIZE,
-            format!("{M}: payload over {MAX_PAYLOAD} bytes"),
-        ));
-    }
+    check_payload_format(M, &props, &payload.as_bytes())?;
+    let payload = payload_bytes(M, &payload)?;
     c.settings.will = Some(Will {
         topic,
         payload,
@@ -462,7 +473,7 @@ fn path_arg(method: &str, what: &str, v: &Value) -> Result<Option<std::path::Pat
         Value::String(s) => Ok(Some(std::path::PathBuf::from(s.to_string_lossy()))),
         other => Err(ApiError::inval(format!(
             "{method}: {what} must be a file path, got {}",
-            other.type_name()
+            crate::c4::lua_type(&other)
         ))),
     }
 }
@@ -480,7 +491,7 @@ fn set_tls_certificates(c: &mut LuaMqttClient, _: &Lua, args: &Args) -> Result<(
             other => {
                 return Err(ApiError::inval(format!(
                     "{M}: password must be a string, got {}",
-                    other.type_name()
+                    crate::c4::lua_type(&other)
                 )));
             }
         },
@@ -498,7 +509,7 @@ fn set_tls_insecure(c: &mut LuaMqttClient, _: &Lua, args: &Args) -> Result<(), A
     let Value::Boolean(insecure) = arg(args, 0) else {
         return Err(ApiError::inval(format!(
             "{M}: expected true or false, got {}",
-            arg(args, 0).type_name()
+            crate::c4::lua_type(&arg(args, 0))
         )));
     };
     c.settings.tls_insecure = *insecure;
@@ -632,16 +643,8 @@ fn publish(c: &mut LuaMqttClient, lua: &Lua, args: &Args) -> Result<MsgId, ApiEr
     }
     let retain = retain_arg(M, arg(args, 3))?;
     let props = props::from_lua(M, arg(args, 4), PacketKind::Publish, c.is_v5())?;
-    check_payload_format(M, &props, &payload)?;
-    if payload.len() > MAX_PAYLOAD {
-        return Err(ApiError::new(
-            err::PAYLOAD_SIZE,
-            format!(
-                "{M}: payload is {} bytes; MQTT allows {MAX_PAYLOAD}",
-                payload.len()
-            ),
-        ));
-    }
+    check_payload_format(M, &props, &payload.as_bytes())?;
+    let payload = payload_bytes(M, &payload)?;
     let mut request = PublishRequest {
         msg_id: 0,
         topic,
@@ -746,7 +749,7 @@ fn new_client(lua: &Lua, (_, id, clean): (Value, Value, Value)) -> mlua::Result<
                 lua,
                 format!(
                     "MQTT: clientId must be a string or nil, got {}",
-                    other.type_name()
+                    crate::c4::lua_type(&other)
                 ),
             );
         }
@@ -759,7 +762,7 @@ fn new_client(lua: &Lua, (_, id, clean): (Value, Value, Value)) -> mlua::Result<
                 lua,
                 format!(
                     "MQTT: cleanSession must be a boolean, got {}",
-                    other.type_name()
+                    crate::c4::lua_type(&other)
                 ),
             );
         }

@@ -96,7 +96,7 @@ pub fn from_lua(
         other => {
             return Err(ApiError::inval(format!(
                 "{method}: props must be a table or nil, got {}",
-                other.type_name()
+                crate::c4::lua_type(&other)
             )));
         }
     };
@@ -106,7 +106,7 @@ pub fn from_lua(
         let Value::String(k) = k else {
             return Err(ApiError::inval(format!(
                 "{method}: property names are strings like \"CONTENT_TYPE\", got a {} key",
-                k.type_name()
+                crate::c4::lua_type(&k)
             )));
         };
         entries.push((k.to_string_lossy(), v));
@@ -329,7 +329,7 @@ pub fn describe(v: &Value) -> String {
         Value::Integer(i) => i.to_string(),
         Value::Number(n) => lua_number_text(*n),
         Value::String(s) => format!("\"{}\"", s.to_string_lossy()),
-        other => other.type_name().to_string(),
+        other => crate::c4::lua_type(&other).to_string(),
     }
 }
 
