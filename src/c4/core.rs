@@ -174,7 +174,7 @@ fn get_time(lua: &Lua, (_, units, fractional): (Value, Value, Value)) -> mlua::R
                 lua,
                 format!(
                     "GetTime: units must be a string, got {}",
-                    crate::c4::lua_type(&other)
+                    crate::c4::lua_type(other)
                 ),
             );
         }

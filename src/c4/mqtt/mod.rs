@@ -322,7 +322,7 @@ fn set_username_and_password(c: &mut LuaMqttClient, _: &Lua, args: &Args) -> Res
         other => {
             return Err(ApiError::inval(format!(
                 "{M}: user must be a string, got {}",
-                crate::c4::lua_type(&other)
+                crate::c4::lua_type(other)
             )));
         }
     };
@@ -332,7 +332,7 @@ fn set_username_and_password(c: &mut LuaMqttClient, _: &Lua, args: &Args) -> Res
         other => {
             return Err(ApiError::inval(format!(
                 "{M}: password must be a string, got {}",
-                crate::c4::lua_type(&other)
+                crate::c4::lua_type(other)
             )));
         }
     };
@@ -363,7 +363,7 @@ fn retain_arg(method: &str, v: &Value) -> Result<bool, ApiError> {
         Value::Boolean(b) => Ok(*b),
         other => Err(ApiError::inval(format!(
             "{method}: retain must be a boolean, got {}",
-            crate::c4::lua_type(&other)
+            crate::c4::lua_type(other)
         ))),
     }
 }
@@ -384,7 +384,7 @@ fn payload_arg(method: &str, lua: &Lua, v: &Value) -> Result<mlua::LuaString, Ap
             .map_err(|e| ApiError::new(err::UNKNOWN, format!("{method}: {e}"))),
         other => Err(ApiError::inval(format!(
             "{method}: payload must be a string, number or nil, got {}",
-            crate::c4::lua_type(&other)
+            crate::c4::lua_type(other)
         ))),
     }
 }
@@ -473,7 +473,7 @@ fn path_arg(method: &str, what: &str, v: &Value) -> Result<Option<std::path::Pat
         Value::String(s) => Ok(Some(std::path::PathBuf::from(s.to_string_lossy()))),
         other => Err(ApiError::inval(format!(
             "{method}: {what} must be a file path, got {}",
-            crate::c4::lua_type(&other)
+            crate::c4::lua_type(other)
         ))),
     }
 }
@@ -491,7 +491,7 @@ fn set_tls_certificates(c: &mut LuaMqttClient, _: &Lua, args: &Args) -> Result<(
             other => {
                 return Err(ApiError::inval(format!(
                     "{M}: password must be a string, got {}",
-                    crate::c4::lua_type(&other)
+                    crate::c4::lua_type(other)
                 )));
             }
         },
@@ -509,7 +509,7 @@ fn set_tls_insecure(c: &mut LuaMqttClient, _: &Lua, args: &Args) -> Result<(), A
     let Value::Boolean(insecure) = arg(args, 0) else {
         return Err(ApiError::inval(format!(
             "{M}: expected true or false, got {}",
-            crate::c4::lua_type(&arg(args, 0))
+            crate::c4::lua_type(arg(args, 0))
         )));
     };
     c.settings.tls_insecure = *insecure;

@@ -96,7 +96,7 @@ pub fn from_lua(
         other => {
             return Err(ApiError::inval(format!(
                 "{method}: props must be a table or nil, got {}",
-                crate::c4::lua_type(&other)
+                crate::c4::lua_type(other)
             )));
         }
     };
@@ -329,7 +329,7 @@ pub fn describe(v: &Value) -> String {
         Value::Integer(i) => i.to_string(),
         Value::Number(n) => lua_number_text(*n),
         Value::String(s) => format!("\"{}\"", s.to_string_lossy()),
-        other => crate::c4::lua_type(&other).to_string(),
+        other => crate::c4::lua_type(other).to_string(),
     }
 }
 

@@ -52,7 +52,7 @@ fn topic_bytes(method: &str, what: &str, v: &Value) -> Result<Vec<u8>, ApiError>
         ))),
         other => Err(ApiError::inval(format!(
             "{method}: {what} must be a string, got {}",
-            crate::c4::lua_type(&other)
+            crate::c4::lua_type(other)
         ))),
     }
 }
