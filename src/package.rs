@@ -933,7 +933,7 @@ mod tests {
         let target = dir.path().join("fuzz.c4z");
         let mut rng = rand::rngs::StdRng::seed_from_u64(0x0c4c);
         let mut outcomes = (0, 0);
-        for round in 0..600 {
+        for round in 0..3000 {
             let bytes = match round % 3 {
                 0 => good_bytes[..rng.gen_range(0..good_bytes.len())].to_vec(),
                 1 => {
