@@ -4,7 +4,6 @@
 //! 2 a usage error) and messages on stderr that say what to do next.
 
 use crate::driver::{self, DriverEvent, DriverNotice, DriverSpec, InitType};
-use crate::package::DriverPackage;
 use clap::{Parser, Subcommand};
 use crossbeam_channel::{Receiver, select};
 use std::path::PathBuf;
@@ -38,6 +37,9 @@ pub struct RunArgs {
     /// Stop after this long, e.g. 5s, 1m, 250ms.
     #[arg(long = "for", value_name = "DURATION", value_parser = parse_duration)]
     pub run_for: Option<Duration>,
+    /// Keep `C4:Persist*` values in this JSON file, so they survive a restart.
+    #[arg(long, value_name = "FILE")]
+    pub persist: Option<PathBuf>,
     /// The device id `C4:GetDeviceID()` returns.
     #[arg(long, default_value_t = 1001)]
     pub device_id: u32,
@@ -90,7 +92,7 @@ fn stop_signal() -> Receiver<()> {
 }
 
 fn run(args: RunArgs) -> ExitCode {
-    let package = match DriverPackage::load(&args.driver) {
+    let package = match crate::package::load(&args.driver) {
         Ok(p) => p,
         Err(e) => {
             init_logging(&[]);
@@ -118,6 +120,7 @@ fn run(args: RunArgs) -> ExitCode {
         package,
         properties: args.props,
         init_type: InitType::Adding,
+        persist_path: args.persist,
     };
     let handle = match driver::spawn(spec, runtime.handle().clone(), notices_tx) {
         Ok(h) => h,

@@ -170,3 +170,29 @@ fn a_callback_error_is_logged_with_driver_name_and_traceback_and_the_driver_goes
     assert!(err.contains("stack traceback"), "{err}");
     assert!(err.contains("faulty.lua:3"), "{err}");
 }
+
+#[test]
+fn the_example_thermostat_heats_toward_its_setpoint() {
+    let driver = concat!(env!("CARGO_MANIFEST_DIR"), "/drivers/thermostat/driver.lua");
+    let out = run(&[
+        "run",
+        driver,
+        "--prop",
+        "Poll Interval (ms)=100",
+        "--for",
+        "700ms",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let states: Vec<serde_json::Value> = text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("each line is JSON"))
+        .collect();
+    assert!(states.len() >= 4, "{states:?}");
+    let temps: Vec<f64> = states
+        .iter()
+        .map(|s| s["temperature"].as_f64().unwrap())
+        .collect();
+    assert!(temps.windows(2).all(|w| w[1] >= w[0]), "{temps:?}");
+    assert!(temps.last() > temps.first(), "{temps:?}");
+    assert_eq!(states[0]["setpoint"], 21);
+}

@@ -355,3 +355,151 @@ fn a_stuck_driver_does_not_delay_another_drivers_timers() {
     );
     stuck.expect(&["unstuck"]);
 }
+
+#[test]
+fn json_encodes_and_decodes_with_c4_semantics_and_rejects_bad_input() {
+    let d = driver(
+        r#"
+        function OnDriverLateInit()
+          say(C4:JsonEncode({ a = 1, b = "x", c = true }))
+          say(C4:JsonEncode({ "One", "Two" }), C4:JsonEncode({ "One", "Two" }, false, true))
+          say(C4:JsonEncode({ v = c4json.null }))
+          local t = C4:JsonDecode('{"n": 1.5, "list": [1, 2, 3], "s": "\\u00e9", "z": null}')
+          say(t.n, #t.list, t.s, type(t.z))
+          local t2 = C4:JsonDecode('{"z": null}', true)
+          say(t2.z == c4json.null)
+          say(C4:JsonDecode('{"broken": '))
+          say(C4:JsonEncode({ f = function() end }))
+          local cyc = {}; cyc.self = cyc
+          say((C4:JsonEncode(cyc)))
+          say(C4:JsonDecode(42))
+        end
+        "#,
+    );
+    d.expect(&[
+        r#"{"a":1,"b":"x","c":true}"#,
+        r#"{"1":"One","2":"Two"} ["One","Two"]"#,
+        r#"{"v":null}"#,
+        "1.5 3 é table",
+        "true",
+    ]);
+    let e = d.next();
+    assert!(
+        e.starts_with("nil JsonDecode:") && e.contains("line 1"),
+        "{e}"
+    );
+    let e = d.next();
+    assert!(
+        e.starts_with("nil JsonEncode: cannot encode a function"),
+        "{e}"
+    );
+    assert_eq!(d.next(), "nil");
+    d.expect(&["nil JsonDecode: expected a string, got number"]);
+}
+
+#[test]
+fn persisted_values_survive_a_restart_when_backed_by_a_file() {
+    use luadriver::driver::{DriverSpec, InitType};
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("persist.json");
+    let source = format!(
+        "{SAY}\n{}",
+        r#"
+        function OnDriverLateInit()
+          say("was", C4:PersistGetValue("count"), type(C4:PersistGetValue("table")))
+          C4:PersistSetValue("count", (C4:PersistGetValue("count") or 0) + 1)
+          C4:PersistSetValue("table", { a = { b = "c" } })
+          C4:PersistSetValue("gone", "x")
+          C4:PersistDeleteValue("gone")
+          say("now", C4:PersistGetValue("count"), C4:PersistGetValue("table").a.b, C4:PersistGetValue("gone"))
+          say(C4:PersistSetValue("f", function() end))
+        end
+        "#
+    );
+    std::fs::write(dir.path().join("driver.lua"), &source).unwrap();
+    for expected_before in ["nil", "1"] {
+        let package = luadriver::package::load(&dir.path().join("driver.lua")).unwrap();
+        let (tx, notices) = crossbeam_channel::unbounded();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let spec = DriverSpec {
+            id: 7,
+            package,
+            properties: vec![],
+            init_type: InitType::Startup,
+            persist_path: Some(store.clone()),
+        };
+        let handle = luadriver::driver::spawn(spec, rt.handle().clone(), tx).unwrap();
+        handle.send(DriverEvent::LateInit);
+        let mut said = Vec::new();
+        while said.len() < 3 {
+            if let luadriver::driver::DriverNotice::Event { name, .. } = notices
+                .recv_timeout(Duration::from_secs(10))
+                .expect("driver spoke")
+            {
+                said.push(name)
+            }
+        }
+        handle.stop("RESTART");
+        let table_type = if expected_before == "nil" {
+            "nil"
+        } else {
+            "table"
+        };
+        assert_eq!(said[0], format!("was {expected_before} {table_type}"));
+        assert!(
+            said[1].starts_with("now ") && said[1].ends_with(" c nil"),
+            "{}",
+            said[1]
+        );
+        assert!(said[2].starts_with("nil PersistSetValue:"), "{}", said[2]);
+    }
+}
+
+#[test]
+fn a_c4z_package_loads_its_xml_properties_config_and_modules() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("demo.c4z");
+    let mut zip = zip::ZipWriter::new(std::fs::File::create(&path).unwrap());
+    let opts = zip::write::SimpleFileOptions::default();
+    zip.start_file("driver.xml", opts).unwrap();
+    zip.write_all(
+        br#"<devicedata><name>Zipped Demo</name><version>12</version><manufacturer>Acme</manufacturer>
+        <config><properties>
+          <property><name>Color</name><type>LIST</type><items><item>Red</item><item>Blue</item></items><default>Blue</default></property>
+          <property><name>Level</name><type>RANGED_INTEGER</type><minimum>3</minimum><maximum>9</maximum></property>
+        </properties></config></devicedata>"#,
+    )
+    .unwrap();
+    zip.start_file("driver.lua", opts).unwrap();
+    zip.write_all(
+        format!(
+            "{SAY}\nlocal util = require('lib.util')\nfunction OnDriverLateInit()\n  say(C4:GetDriverConfigInfo('name'), C4:GetDriverConfigInfo('version'), C4:GetDriverConfigInfo('manufacturer'), C4:GetDriverConfigInfo('nope'))\n  say(Properties['Color'], Properties['Level'], util.twice(21))\n  C4:SetTimer(5, function() util.fail() end)\nend\n"
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    zip.start_file("lib/util.lua", opts).unwrap();
+    zip.write_all(b"return { twice = function(x) return 2 * x end, fail = function() error('in module') end }")
+        .unwrap();
+    zip.finish().unwrap();
+
+    let package = luadriver::package::load(&path).unwrap();
+    assert_eq!(package.name, "Zipped Demo");
+    let d = TestDriver::start_package(package, dir, &[("Level", "5")]);
+    d.expect(&["Zipped Demo 12 Acme nil", "Blue 5 42"]);
+}
+
+#[test]
+fn two_drivers_in_one_process_have_separate_states() {
+    let a = driver(r#"shared = "a"; function ExecuteCommand() say("a sees", shared) end"#);
+    let b = driver(r#"shared = "b"; function ExecuteCommand() say("b sees", shared) end"#);
+    for d in [&a, &b] {
+        d.send(DriverEvent::Command {
+            command: "x".into(),
+            params: vec![],
+        });
+    }
+    a.expect(&["a sees a"]);
+    b.expect(&["b sees b"]);
+}

@@ -1,6 +1,8 @@
 //! The small `C4` calls: output, logging, time, encoding, properties, identity and events.
 
 use super::fail;
+use super::json;
+use super::persist::PersistStore;
 use crate::driver::context::DriverInfo;
 use crate::driver::event::DriverNotice;
 use base64::Engine;
@@ -28,6 +30,8 @@ pub fn install(lua: &Lua, c4: &Table) -> mlua::Result<()> {
         })?,
     )?;
     c4.set("GetTime", lua.create_function(get_time)?)?;
+    install_json(lua, c4)?;
+    install_persist(lua, c4)?;
     c4.set(
         "Base64Encode",
         lua.create_function(|lua, (_, s): (Value, Value)| match s {
@@ -204,4 +208,115 @@ fn get_time(lua: &Lua, (_, units, fractional): (Value, Value, Value)) -> mlua::R
         value.floor()
     };
     Ok(MultiValue::from_iter([Value::Number(value)]))
+}
+
+/// `C4:JsonEncode`, `C4:JsonDecode` and the `c4json.null` sentinel.
+fn install_json(lua: &Lua, c4: &Table) -> mlua::Result<()> {
+    let c4json = lua.create_table()?;
+    c4json.set("null", Value::NULL)?;
+    lua.globals().set("c4json", c4json)?;
+    c4.set(
+        "JsonEncode",
+        lua.create_function(
+            |lua, (_, value, formatted, arrays): (Value, Value, Value, Value)| match json::encode(
+                &value,
+                formatted.as_boolean() == Some(true),
+                arrays.as_boolean() == Some(true),
+            ) {
+                Ok(text) => Ok(MultiValue::from_iter([Value::String(
+                    lua.create_string(text)?,
+                )])),
+                Err(e) => fail(lua, format!("JsonEncode: {e}")),
+            },
+        )?,
+    )?;
+    c4.set(
+        "JsonDecode",
+        lua.create_function(|lua, (_, text, decode_null): (Value, Value, Value)| {
+            let Value::String(text) = text else {
+                return fail(
+                    lua,
+                    format!(
+                        "JsonDecode: expected a string, got {}",
+                        crate::c4::lua_type(&text)
+                    ),
+                );
+            };
+            match json::decode_bytes(
+                lua,
+                &text.as_bytes(),
+                decode_null.as_boolean() == Some(true),
+            ) {
+                Ok(v) => Ok(MultiValue::from_iter([v])),
+                Err(e) => fail(lua, format!("JsonDecode: {e}")),
+            }
+        })?,
+    )?;
+    Ok(())
+}
+
+/// `C4:PersistSetValue`, `PersistGetValue`, `PersistDeleteValue`: the store is the
+/// driver's [`PersistStore`] (in memory, or a file that survives restarts).
+fn install_persist(lua: &Lua, c4: &Table) -> mlua::Result<()> {
+    fn key(lua: &Lua, method: &str, k: &Value) -> Result<String, mlua::Result<MultiValue>> {
+        match k {
+            Value::String(s) => Ok(s.to_string_lossy()),
+            other => Err(fail(
+                lua,
+                format!(
+                    "{method}: key must be a string, got {}",
+                    crate::c4::lua_type(other)
+                ),
+            )),
+        }
+    }
+    c4.set(
+        "PersistSetValue",
+        lua.create_function(|lua, (_, k, v): (Value, Value, Value)| {
+            let k = match key(lua, "PersistSetValue", &k) {
+                Ok(k) => k,
+                Err(r) => return r,
+            };
+            let result = match lua.app_data_mut::<PersistStore>() {
+                Some(mut store) => store.set(&k, &v),
+                None => Err("no store".to_string()),
+            };
+            match result {
+                Ok(()) => Ok(MultiValue::new()),
+                Err(e) => fail(lua, format!("PersistSetValue: {e}")),
+            }
+        })?,
+    )?;
+    c4.set(
+        "PersistGetValue",
+        lua.create_function(|lua, (_, k): (Value, Value)| {
+            let k = match key(lua, "PersistGetValue", &k) {
+                Ok(k) => k,
+                Err(r) => return r,
+            };
+            let value = match lua.app_data_ref::<PersistStore>() {
+                Some(store) => store.get(lua, &k)?,
+                None => Value::Nil,
+            };
+            Ok(MultiValue::from_iter([value]))
+        })?,
+    )?;
+    c4.set(
+        "PersistDeleteValue",
+        lua.create_function(|lua, (_, k): (Value, Value)| {
+            let k = match key(lua, "PersistDeleteValue", &k) {
+                Ok(k) => k,
+                Err(r) => return r,
+            };
+            let result = match lua.app_data_mut::<PersistStore>() {
+                Some(mut store) => store.delete(&k),
+                None => Ok(()),
+            };
+            match result {
+                Ok(()) => Ok(MultiValue::new()),
+                Err(e) => fail(lua, format!("PersistDeleteValue: {e}")),
+            }
+        })?,
+    )?;
+    Ok(())
 }

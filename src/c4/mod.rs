@@ -5,7 +5,9 @@
 //! never with a Lua error thrown at the driver.
 
 mod core;
+pub mod json;
 pub mod mqtt;
+pub mod persist;
 mod timer;
 
 pub(crate) use timer::take_due as timer_callback;

@@ -7,6 +7,7 @@ use super::event::{DriverEvent, DriverNotice};
 use super::timers::TimerHeap;
 use super::{DriverSpec, InitType, sandbox};
 use crate::c4;
+use crate::c4::persist::PersistStore;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use mlua::{Function, IntoLuaMulti, Lua, Table, Value};
 use std::collections::VecDeque;
@@ -31,9 +32,10 @@ impl DriverLoop {
         rt: tokio::runtime::Handle,
         notices: Option<Sender<DriverNotice>>,
     ) -> Result<DriverLoop, String> {
-        let package = spec.package;
+        let package = std::sync::Arc::new(spec.package);
         let name = package.name.clone();
-        let lua = sandbox::new_state(package.modules.clone())
+        let finder = std::sync::Arc::clone(&package);
+        let lua = sandbox::new_state(Box::new(move |module| finder.find_module(module)))
             .map_err(|e| format!("{name}: cannot create the Lua state: {e}"))?;
 
         // driver.xml defaults first, then what the user gave.
@@ -53,6 +55,11 @@ impl DriverLoop {
             notices: notices.clone(),
             rt,
         });
+        let store = match &spec.persist_path {
+            Some(path) => PersistStore::open(path).map_err(|e| format!("{name}: {e}"))?,
+            None => PersistStore::in_memory(),
+        };
+        lua.set_app_data(store);
         lua.set_app_data(DriverTimers {
             heap: TimerHeap::default(),
             clock: Clock::Real,

@@ -46,6 +46,8 @@ pub struct DriverSpec {
     /// Values given at start (command line, host config); they override driver.xml defaults.
     pub properties: Vec<(String, String)>,
     pub init_type: InitType,
+    /// Where `C4:Persist*` values are kept across restarts; `None` keeps them in memory.
+    pub persist_path: Option<std::path::PathBuf>,
 }
 
 /// The host's side of a running driver.

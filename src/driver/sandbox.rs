@@ -1,11 +1,10 @@
 //! A fresh Lua state with only what a DriverWorks driver may use.
 //!
-//! In: the driver's [`ModuleSource`]. Out: a LuaJIT state with the Lua 5.1 libraries and
+//! In: a module finder over the driver's folder or package. Out: a LuaJIT state with the Lua 5.1 libraries and
 //! `bit`, without `ffi`, `debug`, `io.popen`, `os.execute`, `os.exit`, `package.loadlib`,
 //! `string.dump`, C modules or binary (bytecode) chunks, and a `require` that finds Lua
 //! modules in the driver's own folder or package, then in the runtime's `lua/` folder.
 
-use crate::package::ModuleSource;
 use mlua::{Function, Lua, LuaOptions, StdLib, Table, Value};
 
 /// Lua modules shipped with the runtime (`lua/`), compiled in so the binary stands alone.
@@ -13,7 +12,10 @@ const RUNTIME_MODULES: &[(&str, &str)] = &[("prelude", include_str!("../../lua/p
 
 /// Builds the sandboxed state. The prelude (Lua-side wrappers that must exist before the
 /// driver runs) is loaded here too.
-pub fn new_state(modules: ModuleSource) -> mlua::Result<Lua> {
+/// Finds a Lua module by name: its chunk name (for tracebacks) and source.
+pub type ModuleFinder = Box<dyn Fn(&str) -> Option<(String, Vec<u8>)> + Send>;
+
+pub fn new_state(modules: ModuleFinder) -> mlua::Result<Lua> {
     // ALL_SAFE on LuaJIT: everything but ffi and debug.
     let lua = Lua::new_with(StdLib::ALL_SAFE, LuaOptions::default())?;
     let globals = lua.globals();
@@ -37,7 +39,7 @@ pub fn new_state(modules: ModuleSource) -> mlua::Result<Lua> {
 
 /// Replaces `package.loaders` with the preload searcher and one of ours, so `require`
 /// never reaches the file system's C loaders.
-fn install_require(lua: &Lua, modules: ModuleSource) -> mlua::Result<()> {
+fn install_require(lua: &Lua, modules: ModuleFinder) -> mlua::Result<()> {
     let package: Table = lua.globals().get("package")?;
     package.set("cpath", "")?;
     package.set("path", "")?;
@@ -45,7 +47,7 @@ fn install_require(lua: &Lua, modules: ModuleSource) -> mlua::Result<()> {
     let preload: Function = loaders.get(1)?;
 
     let searcher = lua.create_function(move |lua, name: String| {
-        if let Some((chunk_name, source)) = modules.find(&name) {
+        if let Some((chunk_name, source)) = modules(&name) {
             let loader = lua
                 .load(source)
                 .set_name(chunk_name)

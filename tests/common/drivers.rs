@@ -37,7 +37,8 @@ impl TestDriver {
             }
             std::fs::write(path, text).expect("write module");
         }
-        let package = DriverPackage::load(&dir.path().join("driver.lua")).expect("load package");
+        let package =
+            luadriver::package::load(&dir.path().join("driver.lua")).expect("load package");
         Self::start_package(package, dir, props)
     }
 
@@ -60,6 +61,7 @@ impl TestDriver {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             init_type: InitType::Adding,
+            persist_path: None,
         };
         let handle = driver::spawn(spec, runtime.handle().clone(), tx).expect("spawn driver");
         let d = TestDriver {
