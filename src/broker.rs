@@ -24,16 +24,23 @@
 //!
 //! # What rumqttd 0.20 lacks (tested in `tests/embedded_broker.rs`, not guessed)
 //!
-//! Works on both protocol levels: QoS 0/1/2 delivery, retained messages (and clearing
-//! them with an empty retained message), last will on an unexpected disconnect, wildcard
-//! subscriptions. Works on MQTT 5: user properties, content type, response topic and
-//! correlation data are forwarded to subscribers.
+//! Works on both protocol levels: QoS 0/1/2 publishing with the right acknowledgements
+//! (PUBACK, PUBREC/PUBCOMP), retained messages (cleared by an empty retained message; the
+//! retain flag is cleared on live delivery), last will on an unexpected disconnect,
+//! wildcards, one port for both versions. Works on MQTT 5: every PUBLISH property
+//! (payload format, message expiry, content type, response topic, correlation data, user
+//! properties) reaches subscribers, with the subscription identifier; a session with an
+//! expiry interval survives a disconnect with its queued QoS 1 messages.
 //!
-//! Missing or different (see the `rumqttd_v5_gaps` test for the evidence):
-//! - MQTT 5 CONNACK carries no properties (no Receive Maximum, Maximum QoS, Topic Alias
-//!   Maximum, Retain Available…), so a client falls back to the protocol defaults.
-//! - No authentication or ACLs: the broker accepts any client on loopback.
-//! - Sessions and retained messages live in memory only; nothing survives the process.
+//! Missing or wrong (each pinned by an assertion in the `rumqttd_v5_gaps` test):
+//! - Delivery QoS is the subscription's, not the lower of publication and subscription: a
+//!   QoS 0 message reaches a QoS 2 subscriber as QoS 2 (both versions).
+//! - MQTT 5 CONNACK carries only Topic Alias Maximum (4096): no Receive Maximum, Maximum
+//!   QoS or Retain Available, so clients assume the protocol defaults.
+//! - MQTT 5 subscription options are ignored: No Local (a client gets its own messages),
+//!   Retain As Published, Retain Handling (retained messages are always sent).
+//! - No authentication or ACLs: any client on loopback is accepted. Sessions and retained
+//!   messages live in memory only.
 //!
 //! # Logging
 //!
