@@ -51,11 +51,13 @@ mod v4 {
                 events,
                 poller,
             };
-            c.expect(|p| match p {
-                Packet::ConnAck(ack) => Some(assert_eq!(ack.code, ConnectReturnCode::Success)),
-                _ => None,
-            })
-            .await;
+            let code = c
+                .expect(|p| match p {
+                    Packet::ConnAck(ack) => Some(ack.code),
+                    _ => None,
+                })
+                .await;
+            assert_eq!(code, ConnectReturnCode::Success);
             c
         }
 
