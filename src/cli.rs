@@ -40,6 +40,10 @@ pub struct RunArgs {
     /// Keep `C4:Persist*` values in this JSON file, so they survive a restart.
     #[arg(long, value_name = "FILE")]
     pub persist: Option<PathBuf>,
+    /// Start an MQTT broker inside luadriver on 127.0.0.1 (default port 1883), so a driver
+    /// can be tried with nothing else installed.
+    #[arg(long, value_name = "PORT", num_args = 0..=1, default_missing_value = "1883")]
+    pub embedded_broker: Option<u16>,
     /// The device id `C4:GetDeviceID()` returns.
     #[arg(long, default_value_t = 1001)]
     pub device_id: u32,
@@ -111,6 +115,23 @@ fn run(args: RunArgs) -> ExitCode {
             eprintln!("luadriver: cannot start the I/O runtime: {e}");
             return ExitCode::from(1);
         }
+    };
+    // Kept alive until the driver has stopped.
+    let _broker = match args.embedded_broker {
+        Some(port) => {
+            let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+            match crate::broker::EmbeddedBroker::start(addr) {
+                Ok(b) => {
+                    log::info!("embedded MQTT broker listening on 127.0.0.1:{}", b.port());
+                    Some(b)
+                }
+                Err(e) => {
+                    eprintln!("luadriver: {e}");
+                    return ExitCode::from(1);
+                }
+            }
+        }
+        None => None,
     };
     let stop = stop_signal();
     let (notices_tx, notices) = crossbeam_channel::unbounded();

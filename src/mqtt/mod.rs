@@ -3,8 +3,9 @@
 //! Lua thread → [`MqttCommand`] → worker → broker → ack → [`MqttEvent`] → driver loop.
 
 pub mod codes;
+pub mod tls;
 mod types;
 
 pub use types::*;
 mod shim;
-pub use shim::{MqttHandle, spawn_client, tls, wire};
+pub use shim::{MqttHandle, spawn_client, wire};

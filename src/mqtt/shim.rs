@@ -28,22 +28,3 @@ pub mod wire {
         r.topic.len() + r.payload.len() + 16
     }
 }
-
-pub mod tls {
-    use crate::mqtt::Secret;
-    use std::path::PathBuf;
-    use std::sync::Arc;
-    #[derive(Debug, Clone, Default)]
-    pub struct TlsFiles {
-        pub ca: Option<PathBuf>,
-        pub cert: Option<PathBuf>,
-        pub key: Option<PathBuf>,
-        pub key_password: Option<Secret>,
-    }
-    pub fn build_client_config(
-        _files: &TlsFiles,
-        _insecure: bool,
-    ) -> Result<Arc<tokio_rustls::rustls::ClientConfig>, String> {
-        Err("TLS is not built yet".into())
-    }
-}

@@ -1,6 +1,7 @@
 //! Shared support for integration tests: real brokers on ephemeral loopback ports.
 #![allow(dead_code)]
 
+pub mod certs;
 pub mod drivers;
 pub mod mosquitto;
 
