@@ -1,0 +1,417 @@
+//! `C4:MQTT` end to end, from Lua, against a private Mosquitto on an ephemeral port:
+//! connect results, QoS 0/1/2 with exactly one OnPublish each, messages (binary too),
+//! MQTT 5 properties both ways, retained messages, credentials, TLS, Disconnect,
+//! Reconnect, the will, broker limits (codes 24 and 25), and the guarantee across broker
+//! restarts.
+//!
+//! Each test's driver loads `HARNESS`: every callback reports through `C4:FireEvent`, and
+//! the test runs Lua snippets in the driver with `ExecuteCommand("LUA", {code = ...})`.
+
+mod common;
+
+use common::drivers::TestDriver;
+use common::mosquitto::{Mosquitto, MosquittoConfig};
+use luadriver::driver::DriverEvent;
+use std::collections::HashMap;
+
+const HARNESS: &str = r#"
+function say(...)
+  local parts = {}
+  for i = 1, select('#', ...) do parts[#parts + 1] = tostring((select(i, ...))) end
+  C4:FireEvent(table.concat(parts, " "))
+end
+PORT = tonumber(Properties["port"])
+clients = {}
+-- A client named `name` whose callbacks all report, prefixed with its name.
+function client(name, version, id)
+  local c = C4:MQTT(id or (name .. "-" .. tostring(PORT)))
+  if version then c:ForceMqttVersion(version) end
+  c:OnConnect(function(_, rc, flags, msg) say(name, "connect", rc, flags, msg) end)
+  c:OnDisconnect(function(_, rc, msg) say(name, "disconnect", rc, msg) end)
+  c:OnPublish(function(_, id, rc, msg) say(name, "published", id, rc) end)
+  c:OnSubscribe(function(_, id, granted) say(name, "subscribed", id, table.concat(granted, ",")) end)
+  c:OnUnsubscribe(function(_, id) say(name, "unsubscribed", id) end)
+  c:OnMessage(function(_, id, topic, payload, qos, retain, props)
+    local keys = {}
+    for k, v in pairs(props) do
+      if type(v) ~= "table" then keys[#keys + 1] = k .. "=" .. tostring(v) end
+    end
+    table.sort(keys)
+    say(name, "message", topic, C4:Base64Encode(payload), qos, retain, table.concat(keys, ";"))
+    last_props = props
+  end)
+  clients[name] = c
+  return c
+end
+function ExecuteCommand(cmd, params)
+  if cmd == "LUA" then
+    local f = assert(loadstring(params.code))
+    f()
+  end
+end
+"#;
+
+struct Session {
+    driver: TestDriver,
+}
+
+impl Session {
+    fn start(broker_port: u16, setup: &str) -> Session {
+        let source = format!("{HARNESS}\n{setup}");
+        let driver = TestDriver::start_with(&source, &[], &[("port", &broker_port.to_string())]);
+        Session { driver }
+    }
+
+    fn lua(&self, code: &str) {
+        self.driver.send(DriverEvent::Command {
+            command: "LUA".into(),
+            params: vec![("code".into(), code.into())],
+        });
+    }
+
+    fn next(&self) -> String {
+        self.driver.next()
+    }
+
+    /// Waits for an event starting with `prefix`; returns it.
+    fn wait(&self, prefix: &str) -> String {
+        self.driver.wait_for(|e| e.starts_with(prefix)).0
+    }
+}
+
+fn mosquitto() -> Option<Mosquitto> {
+    Mosquitto::available().then(Mosquitto::start)
+}
+
+#[test]
+fn qos_0_1_2_each_get_exactly_one_on_publish_and_reach_a_subscriber() {
+    let Some(broker) = mosquitto() else { return };
+    for version in ["311", "5"] {
+        let s = Session::start(
+            broker.port,
+            &format!(
+                r#"
+                local sub = client("sub", {version})
+                local pub = client("pub", {version})
+                sub:Connect("127.0.0.1", PORT)
+                "#
+            ),
+        );
+        assert_eq!(s.next(), "sub connect 0 0 ");
+        s.lua(r#"say("sub id", select(2, clients.sub:Subscribe("t/#", 2)))"#);
+        assert_eq!(s.next(), "sub id 1");
+        assert_eq!(s.next(), "sub subscribed 1 2");
+        s.lua(r#"clients.pub:Connect("127.0.0.1", PORT)"#);
+        assert_eq!(s.wait("pub connect"), "pub connect 0 0 ");
+        s.lua(
+            r#"
+            local bin = string.char(0, 255, 10, 13) .. "binary"
+            say("ids", select(2, clients.pub:Publish("t/0", bin, 0)),
+                       select(2, clients.pub:Publish("t/1", bin, 1)),
+                       select(2, clients.pub:Publish("t/2", bin, 2)))
+            "#,
+        );
+        assert_eq!(s.next(), "ids 1 2 3");
+        let mut published = HashMap::new();
+        let mut messages = Vec::new();
+        while published.len() < 3 || messages.len() < 3 {
+            let e = s.next();
+            if let Some(rest) = e.strip_prefix("pub published ") {
+                *published.entry(rest.to_string()).or_insert(0) += 1;
+            } else if e.starts_with("sub message") {
+                messages.push(e);
+            }
+        }
+        let expected: HashMap<String, i32> =
+            [("1 0", 1), ("2 0", 1), ("3 0", 1)].iter().map(|(k, v)| (k.to_string(), *v)).collect();
+        assert_eq!(published, expected, "MQTT {version}");
+        messages.sort();
+        let b64 = "AP8KDWJpbmFyeQ==";
+        assert_eq!(
+            messages,
+            vec![
+                format!("sub message t/0 {b64} 0 false "),
+                format!("sub message t/1 {b64} 1 false "),
+                format!("sub message t/2 {b64} 2 false "),
+            ]
+        );
+        // No second OnPublish for anything.
+        s.lua(r#"say("end")"#);
+        assert_eq!(s.wait("end"), "end");
+        assert!(s.driver.next_within(std::time::Duration::from_millis(200)).is_none());
+    }
+}
+
+#[test]
+fn mqtt5_properties_round_trip_to_a_subscriber() {
+    let Some(broker) = mosquitto() else { return };
+    let s = Session::start(
+        broker.port,
+        r#"
+        local sub = client("sub", 5)
+        sub:Connect("127.0.0.1", PORT)
+        "#,
+    );
+    s.wait("sub connect 0");
+    s.lua(r#"clients.sub:Subscribe("props/#", 1)"#);
+    s.wait("sub subscribed");
+    s.lua(
+        r#"
+        local pub = client("pub", 5)
+        pub:OnConnect(function(o, rc)
+          say("pub", o:Publish("props/x", "{}", 1, false, {
+            CONTENT_TYPE = "application/json",
+            RESPONSE_TOPIC = "reply/here",
+            CORRELATION_DATA = "\0\1\2",
+            PAYLOAD_FORMAT_INDICATOR = 1,
+            MESSAGE_EXPIRY_INTERVAL = 60,
+            USER_PROPERTY = { { "k", "one" }, { "k", "two" }, { "other", "x" } },
+          }))
+        end)
+        pub:Connect("127.0.0.1", PORT)
+        "#,
+    );
+    assert_eq!(s.wait("pub "), "pub 0 1");
+    let msg = s.wait("sub message");
+    assert!(
+        msg.contains("CONTENT_TYPE=application/json")
+            && msg.contains("RESPONSE_TOPIC=reply/here")
+            && msg.contains("PAYLOAD_FORMAT_INDICATOR=1")
+            && msg.contains("MESSAGE_EXPIRY_INTERVAL="),
+        "{msg}"
+    );
+    s.lua(
+        r#"
+        local p = last_props
+        local pairs_ = {}
+        for _, kv in ipairs(p.USER_PROPERTIES) do pairs_[#pairs_ + 1] = kv[1] .. "=" .. kv[2] end
+        say("user", p.USER_PROPERTY.k, p.USER_PROPERTY.other, table.concat(pairs_, ","),
+            C4:Base64Encode(p.CORRELATION_DATA))
+        "#,
+    );
+    assert_eq!(s.wait("user"), "user two x k=one,k=two,other=x AAEC");
+}
+
+#[test]
+fn retained_messages_are_kept_and_deleted_by_an_empty_retained_payload() {
+    let Some(broker) = mosquitto() else { return };
+    let s = Session::start(
+        broker.port,
+        r#"
+        local pub = client("pub")
+        pub:Connect("127.0.0.1", PORT)
+        "#,
+    );
+    s.wait("pub connect 0");
+    s.lua(r#"clients.pub:Publish("keep/state", "on", 1, true)"#);
+    s.wait("pub published 1 0");
+    s.lua(r#"local c = client("late"); c:OnConnect(function(o) o:Subscribe("keep/#", 1) end); c:Connect("127.0.0.1", PORT)"#);
+    assert_eq!(s.wait("late message"), "late message keep/state b24= 1 true ");
+    // Delete it, then prove a new subscriber gets nothing before a marker sent after.
+    s.lua(r#"clients.pub:Publish("keep/state", "", 1, true)"#);
+    s.wait("pub published 2 0");
+    s.lua(
+        r#"
+        local c = client("later")
+        c:OnConnect(function(o) o:Subscribe("keep/#", 1) end)
+        c:OnSubscribe(function() clients.pub:Publish("keep/marker", "m", 1) end)
+        c:Connect("127.0.0.1", PORT)
+        "#,
+    );
+    assert_eq!(s.wait("later message"), "later message keep/marker bQ== 1 false ");
+}
+
+#[test]
+fn wrong_password_and_closed_port_are_reported_by_on_connect() {
+    let Some(_) = mosquitto() else { return };
+    let mut config = MosquittoConfig {
+        deny_anonymous: true,
+        ..Default::default()
+    };
+    let pwdir = tempfile::tempdir().unwrap();
+    let pwfile = pwdir.path().join("passwd");
+    let made = std::process::Command::new("mosquitto_passwd")
+        .args(["-b", "-c", pwfile.to_str().unwrap(), "driver", "right"])
+        .status()
+        .expect("mosquitto_passwd");
+    assert!(made.success());
+    config.listener_extra.push(format!("password_file {}", pwfile.display()));
+    let broker = Mosquitto::start_with(config);
+    let s = Session::start(
+        broker.port,
+        r#"
+        local ok = client("ok", 5); ok:SetUsernameAndPassword("driver", "right"); ok:Connect("127.0.0.1", PORT)
+        local bad5 = client("bad5", 5); bad5:SetUsernameAndPassword("driver", "wrong"); bad5:Connect("127.0.0.1", PORT)
+        local bad3 = client("bad3"); bad3:SetUsernameAndPassword("driver", "wrong"); bad3:Connect("127.0.0.1", PORT)
+        local closed = client("closed"); closed:Connect("127.0.0.1", 1)
+        "#,
+    );
+    let mut seen = HashMap::new();
+    while seen.len() < 4 {
+        let e = s.next();
+        let name = e.split(' ').next().unwrap().to_string();
+        seen.insert(name, e);
+    }
+    assert!(seen["ok"].starts_with("ok connect 0 "), "{}", seen["ok"]);
+    let bad5: Vec<&str> = seen["bad5"].split(' ').collect();
+    assert!(["134", "135"].contains(&bad5[2]), "{}", seen["bad5"]);
+    let bad3: Vec<&str> = seen["bad3"].split(' ').collect();
+    assert!(["134", "135"].contains(&bad3[2]), "3.x codes are mapped to v5: {}", seen["bad3"]);
+    let closed = &seen["closed"];
+    assert!(!closed.starts_with("closed connect 0 "), "{closed}");
+    assert!(closed.to_lowercase().contains("refused"), "{closed}");
+    // A failed attempt is never also an OnDisconnect.
+    s.lua(r#"say("end")"#);
+    let (_, between) = s.driver.wait_for(|e| e == "end");
+    assert!(between.iter().all(|e| !e.contains("disconnect")), "{between:?}");
+}
+
+#[test]
+fn disconnect_reconnect_and_queued_messages() {
+    let Some(broker) = mosquitto() else { return };
+    let s = Session::start(
+        broker.port,
+        r#"
+        local sub = client("sub"); sub:OnConnect(function(o) o:Subscribe("q/#", 1) end); sub:Connect("127.0.0.1", PORT)
+        local c = client("c"); c:Connect("127.0.0.1", PORT)
+        "#,
+    );
+    s.wait("sub subscribed");
+    s.wait("c connect 0");
+    s.lua(r#"say("disc", clients.c:Disconnect())"#);
+    assert_eq!(s.wait("disc"), "disc 0");
+    assert_eq!(s.wait("c disconnect"), "c disconnect 0 ");
+    s.lua(r#"say("again", clients.c:Disconnect())"#);
+    assert!(s.wait("again").starts_with("again 4 "));
+    // Queued while disconnected, sent after Reconnect, in order.
+    s.lua(
+        r#"say("queued", select(2, clients.c:Publish("q/a", "1", 1)), select(2, clients.c:Publish("q/b", "2", 2)), clients.c:GetStats().queued)
+           say("qos0", clients.c:Publish("q/c", "3", 0))
+           say("reconnect", clients.c:Reconnect())"#,
+    );
+    assert_eq!(s.wait("queued"), "queued 1 2 2");
+    assert!(s.wait("qos0").starts_with("qos0 4 nil"));
+    assert_eq!(s.wait("reconnect"), "reconnect 0");
+    assert!(s.wait("c connect").starts_with("c connect 0 "));
+    let first = s.wait("sub message");
+    let second = s.wait("sub message");
+    assert!(first.starts_with("sub message q/a MQ=="), "{first}");
+    assert!(second.starts_with("sub message q/b Mg=="), "{second}");
+}
+
+#[test]
+fn broker_limits_give_codes_24_and_25() {
+    let Some(_) = mosquitto() else { return };
+    let broker = Mosquitto::start_with(MosquittoConfig {
+        extra: vec!["max_qos 1".into(), "max_packet_size 300".into()],
+        ..Default::default()
+    });
+    let s = Session::start(broker.port, r#"local c = client("c", 5); c:Connect("127.0.0.1", PORT)"#);
+    let connect = s.wait("c connect");
+    assert!(connect.starts_with("c connect 0"), "{connect}");
+    s.lua(
+        r#"
+        local c = clients.c
+        say("qos2", c:Publish("t", "x", 2))
+        say("big", c:Publish("t", string.rep("x", 1000), 1))
+        say("ok", c:Publish("t", "x", 1))
+        "#,
+    );
+    let qos2 = s.wait("qos2");
+    assert!(qos2.starts_with("qos2 24 nil"), "{qos2}");
+    let big = s.wait("big");
+    assert!(big.starts_with("big 25 nil"), "{big}");
+    assert_eq!(s.wait("ok"), "ok 0 1");
+}
+
+#[test]
+fn tls_with_a_test_ca_connects_and_bad_files_fail_at_once() {
+    let Some(_) = mosquitto() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let certs = common::certs::generate(dir.path());
+    let broker = Mosquitto::start_with(MosquittoConfig {
+        listener_extra: vec![
+            format!("cafile {}", certs.ca.display()),
+            format!("certfile {}", certs.server_cert.display()),
+            format!("keyfile {}", certs.server_key.display()),
+        ],
+        ..Default::default()
+    });
+    let s = Session::start(
+        broker.port,
+        &format!(
+            r#"
+            local good = client("good")
+            say("set", good:SetTlsCertificates("{ca}"))
+            good:Connect("127.0.0.1", PORT)
+            local wrong = client("wrong")
+            wrong:SetTlsCertificates("{other}")
+            wrong:Connect("127.0.0.1", PORT)
+            local code, msg = client("missing"):SetTlsCertificates("/no/such/ca.pem")
+            say("missing", code, msg)
+            "#,
+            ca = certs.ca.display(),
+            other = certs.other_ca.display()
+        ),
+    );
+    let mut seen = HashMap::new();
+    while seen.len() < 4 {
+        let e = s.next();
+        seen.insert(e.split(' ').next().unwrap().to_string(), e);
+    }
+    assert_eq!(seen["set"], "set 0");
+    assert!(seen["good"].starts_with("good connect 0 "), "{}", seen["good"]);
+    assert!(!seen["wrong"].starts_with("wrong connect 0 "), "{}", seen["wrong"]);
+    assert!(seen["missing"].starts_with("missing 8 "), "{}", seen["missing"]);
+    assert!(seen["missing"].contains("/no/such/ca.pem"), "{}", seen["missing"]);
+}
+
+#[test]
+fn every_accepted_publish_gets_exactly_one_on_publish_across_broker_restarts() {
+    let Some(mut broker) = mosquitto() else { return };
+    let s = Session::start(
+        broker.port,
+        r#"
+        counts, accepted, done = {}, 0, 0
+        local c = C4:MQTT("restart-" .. PORT)
+        clients.c = c
+        c:SetAutoReconnect(50, 500)
+        c:OnConnect(function(_, rc) say("connect", rc) end)
+        c:OnDisconnect(function(_, rc) say("disconnect", rc) end)
+        c:OnPublish(function(_, id, rc)
+          counts[id] = (counts[id] or 0) + 1
+          done = done + 1
+          if done == accepted and finished_publishing then say("all done") end
+        end)
+        c:Connect("127.0.0.1", PORT, 5)
+        function publish_batch(n, qos)
+          for i = 1, n do
+            local code, id = c:Publish("stress/" .. qos, tostring(i), qos)
+            if code == 0 then accepted = accepted + 1 end
+          end
+        end
+        function report()
+          local once, twice, missing = 0, 0, 0
+          for id = 1, accepted do
+            local n = counts[id] or 0
+            if n == 1 then once = once + 1 elseif n == 0 then missing = missing + 1 else twice = twice + 1 end
+          end
+          say("report", accepted, once, twice, missing)
+        end
+        "#,
+    );
+    assert_eq!(s.wait("connect"), "connect 0");
+    for round in 0..3 {
+        s.lua("publish_batch(700, 1) publish_batch(200, 2) say('batch')");
+        s.wait("batch");
+        broker.kill();
+        s.wait("disconnect");
+        broker.restart();
+        let c = s.wait("connect 0");
+        assert_eq!(c, "connect 0", "round {round}");
+    }
+    s.lua("finished_publishing = true if done == accepted then say('all done') end");
+    s.wait("all done");
+    s.lua("report()");
+    assert_eq!(s.wait("report"), "report 2700 2700 0 0");
+}
