@@ -3,6 +3,7 @@
 
 pub mod certs;
 pub mod mosquitto;
+pub mod proxy;
 
 use std::time::{Duration, Instant};
 
