@@ -611,17 +611,20 @@ async fn rumqttd_is_quiet_at_the_default_level_and_heard_when_asked() {
         .vanish();
     let heard = timeout(WAIT, async {
         loop {
-            let records = CAPTURE.0.lock().unwrap();
-            let demoted_error = records.iter().any(|(level, line)| {
-                *level == log::Level::Debug && line.contains("Error while handling MQTT connect")
-            });
-            let demoted_info = records
-                .iter()
-                .any(|(level, line)| *level == log::Level::Trace && line.contains("disconnected"));
-            if demoted_error && demoted_info {
+            let found = {
+                let records = CAPTURE.0.lock().unwrap();
+                let demoted_error = records.iter().any(|(level, line)| {
+                    *level == log::Level::Debug
+                        && line.contains("Error while handling MQTT connect")
+                });
+                let demoted_info = records.iter().any(|(level, line)| {
+                    *level == log::Level::Trace && line.contains("disconnected")
+                });
+                demoted_error && demoted_info
+            };
+            if found {
                 return;
             }
-            drop(records);
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     })
