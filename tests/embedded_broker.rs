@@ -580,3 +580,63 @@ async fn rumqttd_v5_gaps() {
     assert!(back.connack.session_present);
     assert_eq!(back.next_publish().await.payload, &b"while away"[..]);
 }
+
+/// rumqttd logs at `error` for connections that end before CONNECT (the start-up probes
+/// are such), at `info` for every disconnect; at a user's default log level none of that
+/// may show, yet it must still be there, demoted, for `RUST_LOG=rumqttd=trace`.
+#[tokio::test]
+async fn rumqttd_is_quiet_at_the_default_level_and_heard_when_asked() {
+    use std::sync::Mutex;
+
+    struct Capture(Mutex<Vec<(log::Level, String)>>);
+    impl log::Log for Capture {
+        fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+            true
+        }
+        fn log(&self, record: &log::Record<'_>) {
+            if record.target().starts_with("rumqttd") {
+                let line = format!("{}: {}", record.target(), record.args());
+                self.0.lock().unwrap().push((record.level(), line));
+            }
+        }
+        fn flush(&self) {}
+    }
+    static CAPTURE: Capture = Capture(Mutex::new(Vec::new()));
+    log::set_logger(&CAPTURE).expect("no other logger in this test binary");
+    log::set_max_level(log::LevelFilter::Trace);
+
+    let broker = broker();
+    v4::Client::connect(broker.port(), "vanishing")
+        .await
+        .vanish();
+    let heard = timeout(WAIT, async {
+        loop {
+            let found = {
+                let records = CAPTURE.0.lock().unwrap();
+                let demoted_error = records.iter().any(|(level, line)| {
+                    *level == log::Level::Debug
+                        && line.contains("Error while handling MQTT connect")
+                });
+                let demoted_info = records.iter().any(|(level, line)| {
+                    *level == log::Level::Trace && line.contains("disconnected")
+                });
+                demoted_error && demoted_info
+            };
+            if found {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    let records = CAPTURE.0.lock().unwrap().clone();
+    assert!(heard.is_ok(), "demoted records are missing: {records:#?}");
+    let loud: Vec<_> = records
+        .iter()
+        .filter(|(level, _)| *level <= log::Level::Info)
+        .collect();
+    assert!(
+        loud.is_empty(),
+        "rumqttd logged at info or above: {loud:#?}"
+    );
+}

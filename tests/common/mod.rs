@@ -4,6 +4,7 @@
 pub mod certs;
 pub mod drivers;
 pub mod mosquitto;
+pub mod proxy;
 
 use std::time::{Duration, Instant};
 
