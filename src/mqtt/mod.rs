@@ -4,5 +4,6 @@
 
 pub mod codes;
 mod types;
+pub mod wire;
 
 pub use types::*;
