@@ -3,6 +3,7 @@
 //! Lua thread → [`MqttCommand`] → worker → broker → ack → [`MqttEvent`] → driver loop.
 
 pub mod codes;
+pub mod outbox;
 mod types;
 pub mod wire;
 
