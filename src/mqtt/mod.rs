@@ -1,11 +1,48 @@
 //! The MQTT client behind `C4:MQTT`: one worker task per client object.
 //!
 //! Lua thread → [`MqttCommand`] → worker → broker → ack → [`MqttEvent`] → driver loop.
+//!
+//! Layout: [`types`] is the vocabulary both sides share; [`wire`] turns packets into bytes
+//! and back for MQTT 3.1.1 and 5 alike; [`outbox`] is the pure session state (packet ids,
+//! window, resends, exactly-once completion); `link` opens a connection; `worker` is the
+//! task that ties them to a socket.
 
 pub mod codes;
+mod link;
+pub mod outbox;
 pub mod tls;
 mod types;
+pub mod wire;
+mod worker;
 
 pub use types::*;
-mod shim;
-pub use shim::{MqttHandle, spawn_client, wire};
+
+use std::sync::Arc;
+use tokio::sync::mpsc::{self, UnboundedSender};
+
+/// The Lua side's end of one client: sends commands, reads live status. Cheap to clone;
+/// when the last clone is dropped the worker disconnects (if connected), closes the
+/// socket and ends without emitting anything more.
+#[derive(Clone)]
+pub struct MqttHandle {
+    /// Into the worker; unbounded so the Lua thread never waits.
+    commands: UnboundedSender<MqttCommand>,
+    pub status: Arc<ClientStatus>,
+}
+
+impl MqttHandle {
+    /// Hands `cmd` to the worker without blocking. False if the worker has ended (its
+    /// event sink was closed).
+    pub fn send(&self, cmd: MqttCommand) -> bool {
+        self.commands.send(cmd).is_ok()
+    }
+}
+
+/// Starts one client's worker on `rt`; its events go to `sink`. Nothing connects until a
+/// [`MqttCommand::Connect`] arrives.
+pub fn spawn_client(rt: &tokio::runtime::Handle, sink: EventSink) -> MqttHandle {
+    let (commands, commands_rx) = mpsc::unbounded_channel();
+    let status = Arc::new(ClientStatus::default());
+    rt.spawn(worker::Worker::new(commands_rx, sink, status.clone()).run());
+    MqttHandle { commands, status }
+}
