@@ -73,6 +73,20 @@ impl Session {
         self.driver.next()
     }
 
+    /// Waits until an event starting with each prefix has come, in any order.
+    fn wait_all(&self, prefixes: &[&str]) -> Vec<String> {
+        let mut found: Vec<Option<String>> = vec![None; prefixes.len()];
+        while found.iter().any(Option::is_none) {
+            let e = self.next();
+            if let Some(i) =
+                (0..prefixes.len()).find(|&i| found[i].is_none() && e.starts_with(prefixes[i]))
+            {
+                found[i] = Some(e);
+            }
+        }
+        found.into_iter().flatten().collect()
+    }
+
     /// Waits for an event starting with `prefix`; returns it.
     fn wait(&self, prefix: &str) -> String {
         self.driver.wait_for(|e| e.starts_with(prefix)).0
@@ -97,12 +111,12 @@ fn qos_0_1_2_each_get_exactly_one_on_publish_and_reach_a_subscriber() {
                 "#
             ),
         );
-        assert_eq!(s.next(), "sub connect 0 0 ");
+        assert_eq!(s.next(), "sub connect 0 0 Success");
         s.lua(r#"say("sub id", select(2, clients.sub:Subscribe("t/#", 2)))"#);
         assert_eq!(s.next(), "sub id 1");
         assert_eq!(s.next(), "sub subscribed 1 2");
         s.lua(r#"clients.pub:Connect("127.0.0.1", PORT)"#);
-        assert_eq!(s.wait("pub connect"), "pub connect 0 0 ");
+        assert_eq!(s.wait("pub connect"), "pub connect 0 0 Success");
         s.lua(
             r#"
             local bin = string.char(0, 255, 10, 13) .. "binary"
@@ -122,8 +136,10 @@ fn qos_0_1_2_each_get_exactly_one_on_publish_and_reach_a_subscriber() {
                 messages.push(e);
             }
         }
-        let expected: HashMap<String, i32> =
-            [("1 0", 1), ("2 0", 1), ("3 0", 1)].iter().map(|(k, v)| (k.to_string(), *v)).collect();
+        let expected: HashMap<String, i32> = [("1 0", 1), ("2 0", 1), ("3 0", 1)]
+            .iter()
+            .map(|(k, v)| (k.to_string(), *v))
+            .collect();
         assert_eq!(published, expected, "MQTT {version}");
         messages.sort();
         let b64 = "AP8KDWJpbmFyeQ==";
@@ -138,7 +154,11 @@ fn qos_0_1_2_each_get_exactly_one_on_publish_and_reach_a_subscriber() {
         // No second OnPublish for anything.
         s.lua(r#"say("end")"#);
         assert_eq!(s.wait("end"), "end");
-        assert!(s.driver.next_within(std::time::Duration::from_millis(200)).is_none());
+        assert!(
+            s.driver
+                .next_within(std::time::Duration::from_millis(200))
+                .is_none()
+        );
     }
 }
 
@@ -206,7 +226,10 @@ fn retained_messages_are_kept_and_deleted_by_an_empty_retained_payload() {
     s.lua(r#"clients.pub:Publish("keep/state", "on", 1, true)"#);
     s.wait("pub published 1 0");
     s.lua(r#"local c = client("late"); c:OnConnect(function(o) o:Subscribe("keep/#", 1) end); c:Connect("127.0.0.1", PORT)"#);
-    assert_eq!(s.wait("late message"), "late message keep/state b24= 1 true ");
+    assert_eq!(
+        s.wait("late message"),
+        "late message keep/state b24= 1 true "
+    );
     // Delete it, then prove a new subscriber gets nothing before a marker sent after.
     s.lua(r#"clients.pub:Publish("keep/state", "", 1, true)"#);
     s.wait("pub published 2 0");
@@ -218,7 +241,10 @@ fn retained_messages_are_kept_and_deleted_by_an_empty_retained_payload() {
         c:Connect("127.0.0.1", PORT)
         "#,
     );
-    assert_eq!(s.wait("later message"), "later message keep/marker bQ== 1 false ");
+    assert_eq!(
+        s.wait("later message"),
+        "later message keep/marker bQ== 1 false "
+    );
 }
 
 #[test]
@@ -235,7 +261,9 @@ fn wrong_password_and_closed_port_are_reported_by_on_connect() {
         .status()
         .expect("mosquitto_passwd");
     assert!(made.success());
-    config.listener_extra.push(format!("password_file {}", pwfile.display()));
+    config
+        .listener_extra
+        .push(format!("password_file {}", pwfile.display()));
     let broker = Mosquitto::start_with(config);
     let s = Session::start(
         broker.port,
@@ -256,14 +284,21 @@ fn wrong_password_and_closed_port_are_reported_by_on_connect() {
     let bad5: Vec<&str> = seen["bad5"].split(' ').collect();
     assert!(["134", "135"].contains(&bad5[2]), "{}", seen["bad5"]);
     let bad3: Vec<&str> = seen["bad3"].split(' ').collect();
-    assert!(["134", "135"].contains(&bad3[2]), "3.x codes are mapped to v5: {}", seen["bad3"]);
+    assert!(
+        ["134", "135"].contains(&bad3[2]),
+        "3.x codes are mapped to v5: {}",
+        seen["bad3"]
+    );
     let closed = &seen["closed"];
     assert!(!closed.starts_with("closed connect 0 "), "{closed}");
     assert!(closed.to_lowercase().contains("refused"), "{closed}");
     // A failed attempt is never also an OnDisconnect.
     s.lua(r#"say("end")"#);
     let (_, between) = s.driver.wait_for(|e| e == "end");
-    assert!(between.iter().all(|e| !e.contains("disconnect")), "{between:?}");
+    assert!(
+        between.iter().all(|e| !e.contains("disconnect")),
+        "{between:?}"
+    );
 }
 
 #[test]
@@ -276,11 +311,13 @@ fn disconnect_reconnect_and_queued_messages() {
         local c = client("c"); c:Connect("127.0.0.1", PORT)
         "#,
     );
-    s.wait("sub subscribed");
-    s.wait("c connect 0");
+    s.wait_all(&["sub subscribed", "c connect 0"]);
     s.lua(r#"say("disc", clients.c:Disconnect())"#);
     assert_eq!(s.wait("disc"), "disc 0");
-    assert_eq!(s.wait("c disconnect"), "c disconnect 0 ");
+    assert_eq!(
+        s.wait("c disconnect"),
+        "c disconnect 0 Disconnected on request."
+    );
     s.lua(r#"say("again", clients.c:Disconnect())"#);
     assert!(s.wait("again").starts_with("again 4 "));
     // Queued while disconnected, sent after Reconnect, in order.
@@ -303,10 +340,14 @@ fn disconnect_reconnect_and_queued_messages() {
 fn broker_limits_give_codes_24_and_25() {
     let Some(_) = mosquitto() else { return };
     let broker = Mosquitto::start_with(MosquittoConfig {
-        extra: vec!["max_qos 1".into(), "max_packet_size 300".into()],
+        extra: vec!["max_packet_size 300".into()],
+        listener_extra: vec!["max_qos 1".into()],
         ..Default::default()
     });
-    let s = Session::start(broker.port, r#"local c = client("c", 5); c:Connect("127.0.0.1", PORT)"#);
+    let s = Session::start(
+        broker.port,
+        r#"local c = client("c", 5); c:Connect("127.0.0.1", PORT)"#,
+    );
     let connect = s.wait("c connect");
     assert!(connect.starts_with("c connect 0"), "{connect}");
     s.lua(
@@ -360,15 +401,33 @@ fn tls_with_a_test_ca_connects_and_bad_files_fail_at_once() {
         seen.insert(e.split(' ').next().unwrap().to_string(), e);
     }
     assert_eq!(seen["set"], "set 0");
-    assert!(seen["good"].starts_with("good connect 0 "), "{}", seen["good"]);
-    assert!(!seen["wrong"].starts_with("wrong connect 0 "), "{}", seen["wrong"]);
-    assert!(seen["missing"].starts_with("missing 8 "), "{}", seen["missing"]);
-    assert!(seen["missing"].contains("/no/such/ca.pem"), "{}", seen["missing"]);
+    assert!(
+        seen["good"].starts_with("good connect 0 "),
+        "{}",
+        seen["good"]
+    );
+    assert!(
+        !seen["wrong"].starts_with("wrong connect 0 "),
+        "{}",
+        seen["wrong"]
+    );
+    assert!(
+        seen["missing"].starts_with("missing 8 "),
+        "{}",
+        seen["missing"]
+    );
+    assert!(
+        seen["missing"].contains("/no/such/ca.pem"),
+        "{}",
+        seen["missing"]
+    );
 }
 
 #[test]
 fn every_accepted_publish_gets_exactly_one_on_publish_across_broker_restarts() {
-    let Some(mut broker) = mosquitto() else { return };
+    let Some(mut broker) = mosquitto() else {
+        return;
+    };
     let s = Session::start(
         broker.port,
         r#"

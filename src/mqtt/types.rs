@@ -228,6 +228,10 @@ pub struct ClientStatus {
     /// The broker's Maximum Packet Size; 0 when it said nothing.
     pub max_packet_size: AtomicU32,
     pub queued: AtomicU64,
+    /// Publishes the worker has taken from its command channel. The Lua side counts what
+    /// it sent, so the difference (still in the channel) shows in `GetStats().queued` at
+    /// once, before the worker has run.
+    pub taken: AtomicU64,
     pub inflight: AtomicU64,
     /// Messages handed to the socket (each message counted once, resends not counted).
     pub published: AtomicU64,
@@ -242,6 +246,7 @@ impl Default for ClientStatus {
             max_qos: AtomicU8::new(2),
             max_packet_size: AtomicU32::new(0),
             queued: AtomicU64::new(0),
+            taken: AtomicU64::new(0),
             inflight: AtomicU64::new(0),
             published: AtomicU64::new(0),
             acknowledged: AtomicU64::new(0),

@@ -235,7 +235,10 @@ impl Worker {
                     self.log(LOG_DEBUG, "Disconnect: not connected".into());
                 }
             }
-            MqttCommand::Publish(req) => self.publish(req),
+            MqttCommand::Publish(req) => {
+                self.status.taken.fetch_add(1, Ordering::Relaxed);
+                self.publish(req)
+            }
             MqttCommand::Subscribe {
                 msg_id,
                 filter,

@@ -125,7 +125,11 @@ impl TestDriver {
     pub fn wait_for(&self, pred: impl Fn(&str) -> bool) -> (String, Vec<String>) {
         let mut skipped = Vec::new();
         loop {
-            let e = self.next();
+            let Some(e) = self.next_within(WAIT) else {
+                panic!(
+                    "the awaited event did not come within {WAIT:?}; came instead: {skipped:#?}"
+                );
+            };
             if pred(&e) {
                 return (e, skipped);
             }

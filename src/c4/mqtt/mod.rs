@@ -79,6 +79,8 @@ struct Settings {
 /// The userdata behind `C4:MQTT(...)`.
 pub struct LuaMqttClient {
     handle: MqttHandle,
+    /// Publishes sent to the worker; see `ClientStatus::taken`.
+    publishes_sent: u64,
     settings: Settings,
     last_msg_id: MsgId,
 }
@@ -151,8 +153,11 @@ impl UserData for LuaMqttClient {
             let this = ud.borrow::<LuaMqttClient>()?;
             let s = &this.handle.status;
             let t = lua.create_table()?;
+            let in_channel = this
+                .publishes_sent
+                .saturating_sub(s.taken.load(Ordering::Relaxed));
+            t.raw_set("queued", s.queued.load(Ordering::Relaxed) + in_channel)?;
             for (name, counter) in [
-                ("queued", &s.queued),
                 ("inflight", &s.inflight),
                 ("published", &s.published),
                 ("acknowledged", &s.acknowledged),
@@ -674,6 +679,7 @@ fn publish(c: &mut LuaMqttClient, lua: &Lua, args: &Args) -> Result<MsgId, ApiEr
     }
     request.msg_id = c.next_msg_id();
     c.send(MqttCommand::Publish(request))?;
+    c.publishes_sent += 1;
     Ok(c.last_msg_id)
 }
 
@@ -791,6 +797,7 @@ fn new_client(lua: &Lua, (_, id, clean): (Value, Value, Value)) -> mlua::Result<
     let handle = spawn_client(&rt, sink);
     let client = LuaMqttClient {
         handle,
+        publishes_sent: 0,
         settings: Settings {
             client_id,
             clean_session,
