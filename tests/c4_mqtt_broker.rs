@@ -474,3 +474,35 @@ fn every_accepted_publish_gets_exactly_one_on_publish_across_broker_restarts() {
     s.lua("report()");
     assert_eq!(s.wait("report"), "report 2700 2700 0 0");
 }
+
+#[test]
+fn the_example_sensor_publishes_json_state_through_the_embedded_broker() {
+    let broker = luadriver::broker::EmbeddedBroker::start("127.0.0.1:0".parse().unwrap())
+        .expect("embedded broker");
+    let port = broker.port().to_string();
+    let package = luadriver::package::load(std::path::Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/drivers/mqtt-sensor/driver.lua"
+    )))
+    .expect("example driver loads");
+    let sensor = TestDriver::start_package(
+        package,
+        tempfile::tempdir().unwrap(),
+        &[("Broker Port", &port), ("Publish Interval (ms)", "100")],
+    );
+    let watcher = Session::start(
+        broker.port(),
+        r#"local w = client("w", 5); w:OnConnect(function(o) o:Subscribe("luadriver/sensor/state", 1) end); w:Connect("127.0.0.1", PORT)"#,
+    );
+    watcher.wait("w subscribed");
+    for _ in 0..3 {
+        let msg = watcher.wait("w message luadriver/sensor/state");
+        let fields: Vec<&str> = msg.split(' ').collect();
+        let payload = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, fields[3])
+            .expect("base64");
+        let state: serde_json::Value = serde_json::from_slice(&payload).expect("JSON state");
+        assert!(state["temperature"].is_number(), "{state}");
+        assert!(msg.contains("CONTENT_TYPE=application/json"), "{msg}");
+    }
+    drop(sensor);
+}
