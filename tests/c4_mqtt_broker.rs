@@ -506,3 +506,118 @@ fn the_example_sensor_publishes_json_state_through_the_embedded_broker() {
     }
     drop(sensor);
 }
+
+#[test]
+fn the_will_is_published_when_the_link_drops_without_disconnect() {
+    let Some(broker) = mosquitto() else { return };
+    let proxy = common::proxy::FaultProxy::start(broker.port);
+    let s = Session::start(
+        broker.port,
+        &format!(
+            r#"
+            local watcher = client("watcher")
+            watcher:OnConnect(function(o) o:Subscribe("wills/#", 1) end)
+            watcher:Connect("127.0.0.1", PORT)
+            local dying = client("dying")
+            dying:SetWill("wills/dying", "gone", 1, false)
+            dying:Connect("127.0.0.1", {proxy_port})
+            "#,
+            proxy_port = proxy.port
+        ),
+    );
+    s.wait_all(&["watcher subscribed", "dying connect 0"]);
+    proxy.cut();
+    let lost = s.wait("dying disconnect");
+    assert_eq!(lost, "dying disconnect 7 The connection was lost.");
+    assert_eq!(
+        s.wait("watcher message"),
+        "watcher message wills/dying Z29uZQ== 1 false "
+    );
+}
+
+#[test]
+fn message_retries_give_up_with_a_failure_reason() {
+    let Some(broker) = mosquitto() else { return };
+    let proxy = common::proxy::FaultProxy::start(broker.port);
+    let s = Session::start(
+        proxy.port,
+        r#"
+        local c = client("c")
+        c:SetMessageRetries(1)
+        c:Connect("127.0.0.1", PORT)
+        "#,
+    );
+    s.wait("c connect 0");
+    // The PUBLISH vanishes on the way; after the reconnect it may not be sent again.
+    proxy.blackhole(true);
+    s.lua(r#"say("pub", clients.c:Publish("r/x", "once", 1))"#);
+    assert_eq!(s.wait("pub"), "pub 0 1");
+    proxy.cut();
+    proxy.blackhole(false);
+    s.wait("c disconnect 7");
+    s.lua(r#"clients.c:Reconnect()"#);
+    let (published, _) = s.driver.wait_for(|e| e.starts_with("c published 1 "));
+    let reason: i32 = published.split(' ').nth(3).unwrap().parse().unwrap();
+    assert!(reason >= 128, "{published}");
+}
+
+#[test]
+fn unsubscribe_and_log_callbacks_fire() {
+    let Some(broker) = mosquitto() else { return };
+    let s = Session::start(
+        broker.port,
+        r#"
+        local c = client("c")
+        c:OnLog(function(_, level, line) if not logged then logged = true; say("log", type(level), type(line)) end end)
+        c:OnConnect(function(o) say("sub", o:Subscribe("u/#", 0)) end)
+        c:Connect("127.0.0.1", PORT)
+        "#,
+    );
+    s.wait_all(&["sub 0 1", "c subscribed 1 0", "log number string"]);
+    s.lua(r#"say("unsub", clients.c:Unsubscribe("u/#"))"#);
+    assert_eq!(s.wait("unsub"), "unsub 0 2");
+    assert_eq!(s.wait("c unsubscribed"), "c unsubscribed 2");
+}
+
+#[test]
+fn a_collected_client_object_closes_its_connection() {
+    let Some(broker) = mosquitto() else { return };
+    let proxy = common::proxy::FaultProxy::start(broker.port);
+    let s = Session::start(
+        proxy.port,
+        r#"
+        do
+          local temp = C4:MQTT("temporary")
+          temp:OnConnect(function(_, rc) say("temp connect", rc) end)
+          temp:Connect("127.0.0.1", PORT)
+        end
+        "#,
+    );
+    s.wait("temp connect 0");
+    assert_eq!(proxy.connections(), 1);
+    s.lua("collectgarbage('collect') collectgarbage('collect') say('collected')");
+    s.wait("collected");
+    assert!(
+        common::wait_until(std::time::Duration::from_secs(10), || proxy.connections()
+            == 0),
+        "the worker of a collected object must close its connection"
+    );
+}
+
+#[test]
+fn stopping_a_driver_closes_its_connections() {
+    let Some(broker) = mosquitto() else { return };
+    let proxy = common::proxy::FaultProxy::start(broker.port);
+    let s = Session::start(
+        proxy.port,
+        r#"local c = client("c"); c:Connect("127.0.0.1", PORT)"#,
+    );
+    s.wait("c connect 0");
+    assert_eq!(proxy.connections(), 1);
+    s.driver.stop();
+    assert!(
+        common::wait_until(std::time::Duration::from_secs(10), || proxy.connections()
+            == 0),
+        "a stopped driver's MQTT workers must close their connections"
+    );
+}
