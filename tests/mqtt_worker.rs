@@ -406,6 +406,10 @@ fn broker_with_password() -> Option<(Mosquitto, tempfile::TempDir)> {
         .status()
         .expect("mosquitto_passwd");
     assert!(status.success());
+    // Mosquitto started as root reads its files as the `mosquitto` user.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
     let broker = Mosquitto::start_with(MosquittoConfig {
         extra: vec![format!("password_file {}", file.display())],
         deny_anonymous: true,
@@ -433,10 +437,9 @@ fn wrong_credentials_are_refused_with_the_brokers_reason() {
             }
             _ => unreachable!(),
         };
-        match version {
-            ProtocolVersion::V5 => assert_eq!(reason, 134),
-            ProtocolVersion::V311 => assert!(reason == 134 || reason == 135, "{reason}"),
-        }
+        // Mosquitto 2.0.11 answers "not authorized" (5 → 135 on 3.1.1, 135 on MQTT 5)
+        // where a broker may also say "bad user name or password" (134).
+        assert!(reason == 134 || reason == 135, "{version:?}: {reason}");
         opts.password = Some(Secret("right".into()));
         client.connect_ok(opts);
     }
@@ -543,7 +546,13 @@ fn survive_a_broker_kill(version: ProtocolVersion, auto: bool) {
         );
     }
     assert_eq!(seen.len(), 2500);
-    assert!(seen.values().all(|&r| r == 0), "a message failed");
+    assert!(
+        seen.values().all(|&r| r == 0 || r == 16),
+        "a message failed: {:?}",
+        seen.values()
+            .filter(|&&r| r != 0 && r != 16)
+            .collect::<Vec<_>>()
+    );
     // Nothing more may follow.
     let extra = client.events.recv_timeout(Duration::from_millis(300));
     assert!(

@@ -35,6 +35,8 @@ const LOG_DEBUG: u8 = 4;
 
 const LOST: &str = "The connection was lost.";
 
+// Lives on the stack for one step; boxing would cost an allocation per command.
+#[allow(clippy::large_enum_variant)]
 enum Wake {
     Command(Option<MqttCommand>),
     Read(std::io::Result<usize>),
