@@ -403,6 +403,8 @@ impl Worker {
                 for given_up in self.outbox.on_connected(receive_maximum) {
                     self.published(given_up);
                 }
+                // Packets that came right behind the CONNACK.
+                self.decode_incoming();
             }
             Some(Err(AttemptFailure {
                 reason,
@@ -685,6 +687,11 @@ impl Worker {
             link.last_received = Instant::now();
             link.ping_sent = None;
         }
+        self.decode_incoming();
+    }
+
+    /// Handles every whole packet in the read buffer.
+    fn decode_incoming(&mut self) {
         loop {
             let Some(link) = &mut self.link else {
                 return;
