@@ -756,11 +756,16 @@ fn dropping_the_last_handle_disconnects_cleanly() {
             let _ = bytes_tx.send(received);
         })],
     );
-    let client = Client::new();
+    let mut client = Client::new();
     client.connect_ok(options(port, ProtocolVersion::V311, "drop-me"));
     let status = client.handle.status.clone();
+    client.publish("last/words", "bye", 1, Props::default());
     drop(client);
     let received = bytes_rx.recv_timeout(WAIT).expect("the socket was closed");
+    assert!(
+        received.windows(3).any(|w| w == b"bye"),
+        "what was sent before the drop goes out first: {received:x?}"
+    );
     assert!(received.ends_with(&[0xE0, 0x00]), "{received:x?}");
     assert!(!status.is_connected());
 }

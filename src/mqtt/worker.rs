@@ -521,11 +521,13 @@ impl Worker {
         self.connection_ended(link, 0, "Disconnected on request.".into(), Props::default());
     }
 
-    /// Leaving for good: DISCONNECT if connected, and not a word to the driver.
+    /// Leaving for good: what is already encoded or sendable goes out, then DISCONNECT;
+    /// not a word more to the driver.
     async fn close_quietly(&mut self) {
+        self.deaf = true;
+        self.fill();
         self.status.connected.store(false, Ordering::Release);
         if let Some(mut link) = self.link.take() {
-            link.out.clear();
             let _ = wire::encode(
                 link.version,
                 &Packet::Disconnect(wire::Disconnect {
