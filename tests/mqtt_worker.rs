@@ -406,6 +406,10 @@ fn broker_with_password() -> Option<(Mosquitto, tempfile::TempDir)> {
         .status()
         .expect("mosquitto_passwd");
     assert!(status.success());
+    // Mosquitto started as root reads its files as the `mosquitto` user.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
     let broker = Mosquitto::start_with(MosquittoConfig {
         extra: vec![format!("password_file {}", file.display())],
         deny_anonymous: true,
@@ -433,10 +437,9 @@ fn wrong_credentials_are_refused_with_the_brokers_reason() {
             }
             _ => unreachable!(),
         };
-        match version {
-            ProtocolVersion::V5 => assert_eq!(reason, 134),
-            ProtocolVersion::V311 => assert!(reason == 134 || reason == 135, "{reason}"),
-        }
+        // Mosquitto 2.0.11 answers "not authorized" (5 → 135 on 3.1.1, 135 on MQTT 5)
+        // where a broker may also say "bad user name or password" (134).
+        assert!(reason == 134 || reason == 135, "{version:?}: {reason}");
         opts.password = Some(Secret("right".into()));
         client.connect_ok(opts);
     }
@@ -543,7 +546,13 @@ fn survive_a_broker_kill(version: ProtocolVersion, auto: bool) {
         );
     }
     assert_eq!(seen.len(), 2500);
-    assert!(seen.values().all(|&r| r == 0), "a message failed");
+    assert!(
+        seen.values().all(|&r| r == 0 || r == 16),
+        "a message failed: {:?}",
+        seen.values()
+            .filter(|&&r| r != 0 && r != 16)
+            .collect::<Vec<_>>()
+    );
     // Nothing more may follow.
     let extra = client.events.recv_timeout(Duration::from_millis(300));
     assert!(
@@ -567,4 +576,196 @@ fn no_message_is_lost_or_doubled_across_a_broker_kill_with_mqtt5() {
 #[test]
 fn auto_reconnect_recovers_from_a_broker_kill_without_losing_messages() {
     survive_a_broker_kill(ProtocolVersion::V311, true);
+}
+
+type Session = Box<dyn FnOnce(std::net::TcpStream) + Send>;
+
+/// A fake broker on an ephemeral port that accepts one connection per entry of
+/// `sessions`, answers its CONNECT with a CONNACK (MQTT 5 form when `v5`), and then runs
+/// the entry on the socket. For behaviour Mosquitto will not show: silence, hanging up on
+/// a PUBLISH, a DISCONNECT with a reason.
+fn fake_broker(v5: bool, sessions: Vec<Session>) -> u16 {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for session in sessions {
+            let (mut socket, _) = listener.accept().unwrap();
+            let mut connect = [0u8; 512];
+            let _ = socket.read(&mut connect).unwrap();
+            let connack: &[u8] = if v5 {
+                &[0x20, 0x03, 0x00, 0x00, 0x00]
+            } else {
+                &[0x20, 0x02, 0x00, 0x00]
+            };
+            socket.write_all(connack).unwrap();
+            session(socket);
+        }
+    });
+    port
+}
+
+/// Reads and ignores everything until the peer goes away: a black hole.
+fn swallow(mut socket: std::net::TcpStream) {
+    use std::io::Read;
+    let mut sink = [0u8; 4096];
+    while matches!(socket.read(&mut sink), Ok(n) if n > 0) {}
+}
+
+#[test]
+fn a_silent_broker_is_noticed_within_two_keepalives() {
+    let port = fake_broker(false, vec![Box::new(swallow)]);
+    let client = Client::new();
+    let mut opts = options(port, ProtocolVersion::V311, "keepalive");
+    opts.keepalive = Duration::from_secs(1);
+    client.connect_ok(opts);
+    let connected_at = Instant::now();
+    match client.wait_for("Disconnected", |e| {
+        matches!(e, MqttEvent::Disconnected { .. })
+    }) {
+        MqttEvent::Disconnected { reason, .. } => assert_eq!(reason, 141),
+        _ => unreachable!(),
+    }
+    let took = connected_at.elapsed();
+    assert!(
+        took >= Duration::from_millis(1900) && took < Duration::from_millis(2800),
+        "{took:?}"
+    );
+}
+
+#[test]
+fn a_message_that_used_up_its_sends_fails_once_on_reconnect() {
+    // First connection: take the PUBLISH, never acknowledge it, hang up.
+    fn hang_up_after_publish(mut socket: std::net::TcpStream) {
+        use std::io::Read;
+        let mut publish = [0u8; 512];
+        let _ = socket.read(&mut publish);
+    }
+    let port = fake_broker(
+        false,
+        vec![Box::new(hang_up_after_publish), Box::new(swallow)],
+    );
+    let mut client = Client::new();
+    let mut opts = options(port, ProtocolVersion::V311, "retries");
+    opts.max_sends = Some(1);
+    client.connect_ok(opts);
+    let id = client.publish("t", "once", 1, Props::default());
+    match client.wait_for("Disconnected", |e| {
+        matches!(e, MqttEvent::Disconnected { .. })
+    }) {
+        MqttEvent::Disconnected { reason, .. } => assert_eq!(reason, 7),
+        _ => unreachable!(),
+    }
+    client.send(MqttCommand::Reconnect);
+    client.wait_for("Connected", |e| {
+        matches!(e, MqttEvent::Connected { reason: 0, .. })
+    });
+    match client.wait_for("Published", |e| matches!(e, MqttEvent::Published { .. })) {
+        MqttEvent::Published {
+            msg_id,
+            reason,
+            message,
+            ..
+        } => {
+            assert_eq!((msg_id, reason), (id, 128));
+            assert!(message.contains("given up after 1 send"), "{message}");
+        }
+        _ => unreachable!(),
+    }
+    assert_eq!(client.handle.status.failed.load(Ordering::Relaxed), 1);
+}
+
+#[test]
+fn a_broker_disconnect_reports_its_reason_and_reason_string() {
+    let port = fake_broker(
+        true,
+        vec![Box::new(|mut socket| {
+            use std::io::Write;
+            let mut disconnect = vec![0xE0, 10, 0x8B, 8, 0x1F, 0, 5];
+            disconnect.extend_from_slice(b"maint");
+            socket.write_all(&disconnect).unwrap();
+        })],
+    );
+    let client = Client::new();
+    client.connect_ok(options(port, ProtocolVersion::V5, "told-to-go"));
+    match client.wait_for("Disconnected", |e| {
+        matches!(e, MqttEvent::Disconnected { .. })
+    }) {
+        MqttEvent::Disconnected {
+            reason,
+            message,
+            props,
+        } => {
+            assert_eq!(reason, 139);
+            assert!(message.contains("Server shutting down"), "{message}");
+            assert_eq!(props.reason_string.as_deref(), Some("maint"));
+        }
+        _ => unreachable!(),
+    }
+    // Exactly one Disconnected for the connection, though the socket also closed.
+    let extra = client.events.recv_timeout(Duration::from_millis(200));
+    assert!(
+        !matches!(extra, Ok(MqttEvent::Disconnected { .. })),
+        "{extra:?}"
+    );
+}
+
+#[test]
+fn subscribe_and_unsubscribe_complete_and_a_subscribe_while_down_is_only_logged() {
+    let Some(broker) = broker() else { return };
+    let mut client = Client::new();
+    client.next_id = 41;
+    client.send(MqttCommand::Subscribe {
+        msg_id: 42,
+        filter: "a/#".into(),
+        qos: 1,
+        props: Props::default(),
+    });
+    match client.wait_for("Log", |e| matches!(e, MqttEvent::Log { .. })) {
+        MqttEvent::Log { level, line } => {
+            assert_eq!(level, 2);
+            assert!(line.contains("Subscribe 42 not sent"), "{line}");
+        }
+        _ => unreachable!(),
+    }
+    client.connect_ok(options(broker.port, ProtocolVersion::V5, "sub-unsub"));
+    client.next_id = 42;
+    client.subscribe("a/#", 1);
+    client.send(MqttCommand::Unsubscribe {
+        msg_id: 44,
+        filter: "a/#".into(),
+        props: Props::default(),
+    });
+    match client.wait_for("Unsubscribed", |e| {
+        matches!(e, MqttEvent::Unsubscribed { .. })
+    }) {
+        MqttEvent::Unsubscribed { msg_id, .. } => assert_eq!(msg_id, 44),
+        _ => unreachable!(),
+    }
+}
+
+#[test]
+fn dropping_the_last_handle_disconnects_cleanly() {
+    let (bytes_tx, bytes_rx) = unbounded();
+    let port = fake_broker(
+        false,
+        vec![Box::new(move |mut socket| {
+            use std::io::Read;
+            let mut received = Vec::new();
+            let _ = socket.read_to_end(&mut received);
+            let _ = bytes_tx.send(received);
+        })],
+    );
+    let mut client = Client::new();
+    client.connect_ok(options(port, ProtocolVersion::V311, "drop-me"));
+    let status = client.handle.status.clone();
+    client.publish("last/words", "bye", 1, Props::default());
+    drop(client);
+    let received = bytes_rx.recv_timeout(WAIT).expect("the socket was closed");
+    assert!(
+        received.windows(3).any(|w| w == b"bye"),
+        "what was sent before the drop goes out first: {received:x?}"
+    );
+    assert!(received.ends_with(&[0xE0, 0x00]), "{received:x?}");
+    assert!(!status.is_connected());
 }

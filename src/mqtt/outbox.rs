@@ -32,6 +32,8 @@ impl Completion {
 }
 
 /// What a broker's ack to a publish leads to.
+// Returned by value and consumed at once; boxing would cost an allocation per ack.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum AckOutcome {
     Completed(Completion),
@@ -211,7 +213,7 @@ impl Outbox {
             return None;
         }
         while let Some(pkid) = self.resend.pop_front() {
-            if !self.entries.get(&pkid).is_some_and(|e| !e.live) {
+            if self.entries.get(&pkid).is_none_or(|e| e.live) {
                 continue;
             }
             let entry = self.entries.get_mut(&pkid)?;

@@ -305,7 +305,7 @@ pub fn encode_publish(
 pub fn publish_packet_size(version: ProtocolVersion, req: &PublishRequest) -> usize {
     let props_len = match version {
         ProtocolVersion::V311 => 0,
-        ProtocolVersion::V5 => publish_props_section(&req.props).len(),
+        ProtocolVersion::V5 => publish_props_len(&req.props),
     };
     let pkid_len = if req.qos > 0 { 2 } else { 0 };
     let remaining = 2 + req.topic.len() + pkid_len + props_len + req.payload.len();
@@ -338,12 +338,16 @@ fn write_publish(
     if p.topic.len() > u16::MAX as usize {
         return Err(WireError::Invalid("topic longer than 65,535 bytes".into()));
     }
-    let props_section = match version {
-        ProtocolVersion::V311 => BytesMut::new(),
-        ProtocolVersion::V5 => publish_props_section(p.props),
+    let v5 = version == ProtocolVersion::V5;
+    let props_section = if v5 && has_publish_props(p.props) {
+        publish_props_section(p.props)
+    } else {
+        BytesMut::new()
     };
+    // MQTT 5 without properties still has a property length: a single 0.
+    let props_len = if v5 { props_section.len().max(1) } else { 0 };
     let pkid_len = if p.qos > 0 { 2 } else { 0 };
-    let remaining = 2 + p.topic.len() + pkid_len + props_section.len() + p.payload.len();
+    let remaining = 2 + p.topic.len() + pkid_len + props_len + p.payload.len();
     if remaining > MAX_REMAINING_LENGTH {
         return Err(WireError::Invalid(format!(
             "PUBLISH of {remaining} bytes exceeds the MQTT limit"
@@ -357,26 +361,48 @@ fn write_publish(
     if p.qos > 0 {
         buf.put_u16(p.pkid);
     }
-    buf.extend_from_slice(&props_section);
+    if v5 && props_section.is_empty() {
+        buf.put_u8(0);
+    } else {
+        buf.extend_from_slice(&props_section);
+    }
     buf.extend_from_slice(p.payload);
     Ok(())
 }
 
-/// The MQTT 5 PUBLISH property section: its length prefix and the properties.
+/// The MQTT 5 PUBLISH property section: its length prefix and the properties. Empty
+/// (no allocation) when there are no properties: the caller writes the single 0 byte.
 fn publish_props_section(props: &Props) -> BytesMut {
     let mut section = BytesMut::new();
-    match publish_props_to_v5(props) {
-        Some(p) => {
-            // Writing into an owned buffer cannot fail for lengths MQTT can express;
-            // an impossible length would be caught by the remaining-length check.
-            if p.write(&mut section).is_err() {
-                section.clear();
-                section.put_u8(0);
-            }
+    if let Some(p) = publish_props_to_v5(props) {
+        // Writing into an owned buffer cannot fail for lengths MQTT can express; an
+        // impossible length is caught by the caller's remaining-length check.
+        if p.write(&mut section).is_err() {
+            section.clear();
         }
-        None => section.put_u8(0),
     }
     section
+}
+
+/// Whether `props` holds anything a PUBLISH carries.
+fn has_publish_props(p: &Props) -> bool {
+    p.payload_format_indicator.is_some()
+        || p.message_expiry_interval.is_some()
+        || p.topic_alias.is_some()
+        || p.response_topic.is_some()
+        || p.correlation_data.is_some()
+        || !p.user_properties.is_empty()
+        || !p.subscription_identifiers.is_empty()
+        || p.content_type.is_some()
+}
+
+/// Length of the MQTT 5 property section of a PUBLISH (at least its 1-byte length).
+fn publish_props_len(props: &Props) -> usize {
+    if has_publish_props(props) {
+        publish_props_section(props).len().max(1)
+    } else {
+        1
+    }
 }
 
 fn varint_len(len: usize) -> usize {
@@ -1367,15 +1393,16 @@ mod tests {
             .unwrap();
         assert_eq!(ours, theirs);
 
-        let p = publish(1, rich_props());
-        let mut ours = BytesMut::new();
-        encode(ProtocolVersion::V5, &Packet::Publish(p.clone()), &mut ours).unwrap();
-        let mut theirs = BytesMut::new();
-        to_v5(&Packet::Publish(p))
-            .unwrap()
-            .write(&mut theirs, None)
-            .unwrap();
-        assert_eq!(ours, theirs);
+        for p in [publish(0, Props::default()), publish(1, rich_props())] {
+            let mut ours = BytesMut::new();
+            encode(ProtocolVersion::V5, &Packet::Publish(p.clone()), &mut ours).unwrap();
+            let mut theirs = BytesMut::new();
+            to_v5(&Packet::Publish(p))
+                .unwrap()
+                .write(&mut theirs, None)
+                .unwrap();
+            assert_eq!(ours, theirs);
+        }
     }
 
     #[test]

@@ -35,6 +35,8 @@ const LOG_DEBUG: u8 = 4;
 
 const LOST: &str = "The connection was lost.";
 
+// Lives on the stack for one step; boxing would cost an allocation per command.
+#[allow(clippy::large_enum_variant)]
 enum Wake {
     Command(Option<MqttCommand>),
     Read(std::io::Result<usize>),
@@ -404,6 +406,8 @@ impl Worker {
                 for given_up in self.outbox.on_connected(receive_maximum) {
                     self.published(given_up);
                 }
+                // Packets that came right behind the CONNACK.
+                self.decode_incoming();
             }
             Some(Err(AttemptFailure {
                 reason,
@@ -520,11 +524,13 @@ impl Worker {
         self.connection_ended(link, 0, "Disconnected on request.".into(), Props::default());
     }
 
-    /// Leaving for good: DISCONNECT if connected, and not a word to the driver.
+    /// Leaving for good: what is already encoded or sendable goes out, then DISCONNECT;
+    /// not a word more to the driver.
     async fn close_quietly(&mut self) {
+        self.deaf = true;
+        self.fill();
         self.status.connected.store(false, Ordering::Release);
         if let Some(mut link) = self.link.take() {
-            link.out.clear();
             let _ = wire::encode(
                 link.version,
                 &Packet::Disconnect(wire::Disconnect {
@@ -686,6 +692,11 @@ impl Worker {
             link.last_received = Instant::now();
             link.ping_sent = None;
         }
+        self.decode_incoming();
+    }
+
+    /// Handles every whole packet in the read buffer.
+    fn decode_incoming(&mut self) {
         loop {
             let Some(link) = &mut self.link else {
                 return;
