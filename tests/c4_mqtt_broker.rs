@@ -621,3 +621,25 @@ fn stopping_a_driver_closes_its_connections() {
         "a stopped driver's MQTT workers must close their connections"
     );
 }
+
+#[test]
+fn auto_reconnect_retries_a_first_connect_that_failed() {
+    let Some(broker) = mosquitto() else { return };
+    let proxy = common::proxy::FaultProxy::start(broker.port);
+    proxy.refuse(true);
+    let s = Session::start(
+        proxy.port,
+        r#"
+        local c = client("c")
+        c:SetAutoReconnect(20, 100)
+        c:Connect("127.0.0.1", PORT)
+        say("queued", c:Publish("early/bird", "hello", 1))
+        "#,
+    );
+    assert_eq!(s.wait("queued"), "queued 0 1");
+    let failed = s.wait("c connect");
+    assert!(!failed.starts_with("c connect 0 "), "{failed}");
+    proxy.refuse(false);
+    s.wait("c connect 0");
+    assert_eq!(s.wait("c published"), "c published 1 0");
+}

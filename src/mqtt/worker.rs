@@ -421,7 +421,12 @@ impl Worker {
                     message,
                     props,
                 });
+                // With auto-reconnect on, a failed first attempt is retried too: a driver
+                // that starts before its broker should not have to notice.
                 if auto {
+                    self.schedule_retry();
+                } else if self.auto_reconnect.is_some() {
+                    self.retry_attempt = 0;
                     self.schedule_retry();
                 }
             }
