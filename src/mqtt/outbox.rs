@@ -380,9 +380,21 @@ impl Outbox {
     /// A new connection is up; `receive_maximum` is the broker's (65,535 when it said
     /// nothing). Messages that already used up their sends are completed as failed here;
     /// the rest come out of [`Outbox::next_outgoing`].
-    pub fn on_connected(&mut self, receive_maximum: u16) -> Vec<Completion> {
+    ///
+    /// Without a session (`session_present` false) the broker has forgotten the QoS 2
+    /// messages it PUBREC'd but was not yet released from: Mosquitto, for one, forwards a
+    /// QoS 2 message to subscribers only on PUBREL. Resending PUBREL would complete them
+    /// without delivery, so they start over with a PUBLISH: at least once, never lost.
+    pub fn on_connected(&mut self, receive_maximum: u16, session_present: bool) -> Vec<Completion> {
         if self.connected {
             self.on_connection_lost();
+        }
+        if !session_present {
+            for entry in self.entries.values_mut() {
+                if entry.stage == Stage::AwaitingComp {
+                    entry.stage = Stage::AwaitingAck;
+                }
+            }
         }
         self.connected = true;
         self.receive_maximum = if receive_maximum == 0 {
@@ -460,7 +472,7 @@ mod tests {
         outbox.enqueue(req(1, 1));
         assert!(drain(&mut outbox).is_empty());
         assert_eq!(outbox.queued(), 1);
-        outbox.on_connected(u16::MAX);
+        outbox.on_connected(u16::MAX, true);
         assert_eq!(drain(&mut outbox).len(), 1);
         assert_eq!((outbox.queued(), outbox.inflight()), (0, 1));
     }
@@ -471,7 +483,7 @@ mod tests {
         for id in 1..=20 {
             outbox.enqueue(req(id, 1));
         }
-        outbox.on_connected(u16::MAX);
+        outbox.on_connected(u16::MAX, true);
         let sent = drain(&mut outbox);
         assert_eq!(sent.len(), 5);
         assert_eq!(outbox.inflight(), 5);
@@ -482,7 +494,7 @@ mod tests {
         for id in 1..=20 {
             outbox.enqueue(req(id, 2));
         }
-        outbox.on_connected(3);
+        outbox.on_connected(3, true);
         assert_eq!(drain(&mut outbox).len(), 3);
     }
 
@@ -492,7 +504,7 @@ mod tests {
         for id in 1..=3 {
             outbox.enqueue(req(id, 1));
         }
-        outbox.on_connected(u16::MAX);
+        outbox.on_connected(u16::MAX, true);
         let sent = drain(&mut outbox);
         let done = completed(outbox.on_puback(sent[2].1, 16, Props::default()));
         assert_eq!((done.msg_id, done.reason), (3, 16));
@@ -517,7 +529,7 @@ mod tests {
         let mut outbox = Outbox::new(0, None);
         outbox.enqueue(req(1, 1));
         outbox.enqueue(req(2, 2));
-        outbox.on_connected(u16::MAX);
+        outbox.on_connected(u16::MAX, true);
         let sent = drain(&mut outbox);
         let (qos1, qos2) = (sent[0].1, sent[1].1);
         assert_eq!(
@@ -544,7 +556,7 @@ mod tests {
     fn qos2_goes_publish_pubrec_pubrel_pubcomp() {
         let mut outbox = Outbox::new(0, None);
         outbox.enqueue(req(7, 2));
-        outbox.on_connected(u16::MAX);
+        outbox.on_connected(u16::MAX, true);
         let pkid = drain(&mut outbox)[0].1;
         assert_eq!(
             outbox.on_pubrec(pkid, 0, Props::default()),
@@ -569,14 +581,14 @@ mod tests {
         let mut outbox = Outbox::new(0, None);
         outbox.enqueue(req(1, 1));
         outbox.enqueue(req(2, 2));
-        outbox.on_connected(u16::MAX);
+        outbox.on_connected(u16::MAX, true);
         let sent = drain(&mut outbox);
         let a = completed(outbox.on_puback(sent[0].1, 135, Props::default()));
         let b = completed(outbox.on_pubrec(sent[1].1, 151, Props::default()));
         assert!(!a.is_success() && !b.is_success());
         assert_eq!(a.message, "Not authorized");
         outbox.on_connection_lost();
-        outbox.on_connected(u16::MAX);
+        outbox.on_connected(u16::MAX, true);
         assert!(drain(&mut outbox).is_empty());
     }
 
@@ -586,7 +598,7 @@ mod tests {
         for id in 1..=4 {
             outbox.enqueue(req(id, if id % 2 == 0 { 2 } else { 1 }));
         }
-        outbox.on_connected(u16::MAX);
+        outbox.on_connected(u16::MAX, true);
         let first = drain(&mut outbox);
         // Message 2 (QoS 2) got its PUBREC: it must come back as PUBREL, not PUBLISH.
         assert_eq!(
@@ -597,7 +609,7 @@ mod tests {
         assert!(outbox.on_connection_lost().is_empty());
         assert_eq!((outbox.inflight(), outbox.queued()), (0, 5));
         assert!(drain(&mut outbox).is_empty(), "nothing goes out while down");
-        assert!(outbox.on_connected(u16::MAX).is_empty());
+        assert!(outbox.on_connected(u16::MAX, true).is_empty());
         let again = drain(&mut outbox);
         assert_eq!(
             again[..4],
@@ -615,11 +627,11 @@ mod tests {
     fn a_pubcomp_saying_identifier_not_found_after_a_pubrel_resend_is_success() {
         let mut outbox = Outbox::new(0, None);
         outbox.enqueue(req(1, 2));
-        outbox.on_connected(u16::MAX);
+        outbox.on_connected(u16::MAX, true);
         let pkid = drain(&mut outbox)[0].1;
         outbox.on_pubrec(pkid, 0, Props::default());
         outbox.on_connection_lost();
-        outbox.on_connected(u16::MAX);
+        outbox.on_connected(u16::MAX, true);
         assert_eq!(drain(&mut outbox), [(0, pkid, false, true)]);
         let done = completed(outbox.on_pubcomp(pkid, 146, Props::default()));
         assert!(done.is_success());
@@ -627,29 +639,49 @@ mod tests {
     }
 
     #[test]
+    fn without_a_session_a_released_qos2_message_starts_over_with_a_publish() {
+        let mut outbox = Outbox::new(0, None);
+        outbox.enqueue(req(1, 2));
+        outbox.on_connected(u16::MAX, true);
+        let pkid = drain(&mut outbox)[0].1;
+        outbox.on_pubrec(pkid, 0, Props::default());
+        outbox.on_connection_lost();
+        // The broker lost its session: a PUBREL would complete a message it never kept.
+        outbox.on_connected(u16::MAX, false);
+        let again = drain(&mut outbox);
+        assert_eq!(again, [(1, pkid, true, false)]);
+        assert_eq!(
+            outbox.on_pubrec(pkid, 0, Props::default()),
+            AckOutcome::SendPubRel(pkid)
+        );
+        let done = completed(outbox.on_pubcomp(pkid, 0, Props::default()));
+        assert_eq!((done.msg_id, done.reason), (1, 0));
+    }
+
+    #[test]
     fn retries_exhausted_fail_the_message_once_on_reconnect() {
         let mut outbox = Outbox::new(0, Some(2));
         outbox.enqueue(req(1, 1));
         outbox.enqueue(req(2, 2));
-        outbox.on_connected(u16::MAX);
+        outbox.on_connected(u16::MAX, true);
         let sent = drain(&mut outbox);
         // Message 2 reaches PUBCOMP stage: PUBREL resends do not count as sends.
         outbox.on_pubrec(sent[1].1, 0, Props::default());
         outbox.on_connection_lost();
         assert!(
-            outbox.on_connected(u16::MAX).is_empty(),
+            outbox.on_connected(u16::MAX, true).is_empty(),
             "second send allowed"
         );
         assert_eq!(drain(&mut outbox).len(), 2);
         outbox.on_connection_lost();
-        let given_up = outbox.on_connected(u16::MAX);
+        let given_up = outbox.on_connected(u16::MAX, true);
         assert_eq!(given_up.len(), 1);
         assert_eq!((given_up[0].msg_id, given_up[0].reason), (1, 128));
         assert!(given_up[0].message.contains("given up after 2 sends"));
         assert_eq!(drain(&mut outbox), [(0, sent[1].1, false, true)]);
         outbox.on_connection_lost();
         assert!(
-            outbox.on_connected(u16::MAX).is_empty(),
+            outbox.on_connected(u16::MAX, true).is_empty(),
             "never reported twice"
         );
         assert_eq!(outbox.pending(), 1);
@@ -658,7 +690,7 @@ mod tests {
     #[test]
     fn packet_ids_never_collide_across_publishes_and_subscribes() {
         let mut outbox = Outbox::new(0, None);
-        outbox.on_connected(u16::MAX);
+        outbox.on_connected(u16::MAX, true);
         let mut outstanding = std::collections::HashSet::new();
         let mut msg_id = 0;
         // Far more than 65,535 packets overall, with some always outstanding, so ids wrap.
@@ -694,7 +726,7 @@ mod tests {
     #[test]
     fn when_every_id_is_taken_nothing_more_is_sent_until_one_frees() {
         let mut outbox = Outbox::new(0, None);
-        outbox.on_connected(u16::MAX);
+        outbox.on_connected(u16::MAX, true);
         for id in 1..=65_535 {
             outbox.alloc_control(id, ControlKind::Unsubscribe).unwrap();
         }
@@ -708,7 +740,7 @@ mod tests {
     #[test]
     fn lost_subscribes_are_returned_and_their_ids_freed() {
         let mut outbox = Outbox::new(0, None);
-        outbox.on_connected(u16::MAX);
+        outbox.on_connected(u16::MAX, true);
         let a = outbox.alloc_control(1, ControlKind::Subscribe).unwrap();
         outbox.alloc_control(2, ControlKind::Unsubscribe).unwrap();
         assert_eq!(
@@ -730,7 +762,7 @@ mod tests {
         while outbox.pending() > 0 {
             round += 1;
             assert!(round < 10_000, "no progress");
-            outbox.on_connected(u16::MAX);
+            outbox.on_connected(u16::MAX, true);
             // Ack some of what went out, then lose the link.
             for (step, (_, pkid, _, pubrel)) in drain(&mut outbox).into_iter().enumerate() {
                 if step % 3 == round % 3 {

@@ -403,7 +403,7 @@ impl Worker {
                     message: reason_code_to_string(0).into(),
                     props,
                 });
-                for given_up in self.outbox.on_connected(receive_maximum) {
+                for given_up in self.outbox.on_connected(receive_maximum, session_present) {
                     self.published(given_up);
                 }
                 // Packets that came right behind the CONNACK.

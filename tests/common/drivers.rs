@@ -123,11 +123,22 @@ impl TestDriver {
 
     /// Waits for an event satisfying `pred`, returning those passed over.
     pub fn wait_for(&self, pred: impl Fn(&str) -> bool) -> (String, Vec<String>) {
+        self.wait_for_within(WAIT, pred)
+    }
+
+    /// `wait_for` with a bound of its own, counted from now.
+    pub fn wait_for_within(
+        &self,
+        timeout: Duration,
+        pred: impl Fn(&str) -> bool,
+    ) -> (String, Vec<String>) {
+        let deadline = Instant::now() + timeout;
         let mut skipped = Vec::new();
         loop {
-            let Some(e) = self.next_within(WAIT) else {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let Some(e) = self.next_within(left) else {
                 panic!(
-                    "the awaited event did not come within {WAIT:?}; came instead: {skipped:#?}"
+                    "the awaited event did not come within {timeout:?}; came instead: {skipped:#?}"
                 );
             };
             if pred(&e) {
