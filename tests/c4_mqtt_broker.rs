@@ -643,3 +643,51 @@ fn auto_reconnect_retries_a_first_connect_that_failed() {
     s.wait("c connect 0");
     assert_eq!(s.wait("c published"), "c published 1 0");
 }
+
+#[test]
+fn connect_and_disconnect_properties_travel_and_connack_properties_come_back() {
+    let Some(_) = mosquitto() else { return };
+    let broker = Mosquitto::start_with(MosquittoConfig {
+        extra: vec!["max_inflight_messages 20".into()],
+        ..Default::default()
+    });
+    let s = Session::start(
+        broker.port,
+        r#"
+        local c = C4:MQTT("props-" .. PORT)
+        clients.c = c
+        c:ForceMqttVersion(5)
+        c:OnConnect(function(_, rc, flags, msg, props)
+          say("connect", rc, props.RECEIVE_MAXIMUM, type(props.TOPIC_ALIAS_MAXIMUM))
+        end)
+        c:OnDisconnect(function(_, rc) say("disconnect", rc) end)
+        say("connect call", c:Connect("127.0.0.1", PORT, 30, {
+          SESSION_EXPIRY_INTERVAL = 60, RECEIVE_MAXIMUM = 10, MAXIMUM_PACKET_SIZE = 100000,
+          REQUEST_PROBLEM_INFORMATION = 1, USER_PROPERTY = { app = "luadriver" } }))
+        "#,
+    );
+    assert_eq!(s.wait("connect call"), "connect call 0");
+    assert_eq!(s.wait("connect "), "connect 0 20 number");
+    s.lua(r#"say("bye", clients.c:Disconnect({ REASON_STRING = "bye", SESSION_EXPIRY_INTERVAL = 0 }))"#);
+    assert_eq!(s.wait("bye"), "bye 0");
+    assert_eq!(s.wait("disconnect"), "disconnect 0");
+    let log = broker.log();
+    assert!(!log.contains("protocol error"), "{log}");
+}
+
+#[test]
+fn a_payload_over_the_mqtt_limit_gives_9() {
+    let s = Session::start(1, r#"local c = client("c")"#);
+    s.lua(
+        r#"
+        local huge = string.rep("x", 268435456)
+        say("huge", clients.c:Publish("t", huge, 1))
+        huge = nil
+        collectgarbage()
+        "#,
+    );
+    assert_eq!(
+        s.wait("huge"),
+        "huge 9 nil Publish: payload is 268435456 bytes; MQTT allows 268435455"
+    );
+}
