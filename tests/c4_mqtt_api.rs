@@ -3,15 +3,7 @@
 
 mod common;
 
-use common::drivers::TestDriver;
-
-const SAY: &str = r#"
-local function say(...)
-  local parts = {}
-  for i = 1, select('#', ...) do parts[#parts + 1] = tostring((select(i, ...))) end
-  C4:FireEvent(table.concat(parts, " "))
-end
-"#;
+use common::drivers::{SAY, TestDriver};
 
 /// Runs `body` inside OnDriverLateInit with `m` (3.1.1) and `m5` (v5) clients, and
 /// returns everything it said.

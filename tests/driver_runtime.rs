@@ -3,18 +3,9 @@
 
 mod common;
 
-use common::drivers::TestDriver;
+use common::drivers::{SAY, TestDriver};
 use luadriver::driver::DriverEvent;
 use std::time::{Duration, Instant};
-
-/// `say(...)`: fires one event holding the arguments' tostring, space-separated.
-const SAY: &str = r#"
-local function say(...)
-  local parts = {}
-  for i = 1, select('#', ...) do parts[#parts + 1] = tostring((select(i, ...))) end
-  C4:FireEvent(table.concat(parts, " "))
-end
-"#;
 
 fn driver(body: &str) -> TestDriver {
     TestDriver::start(&format!("{SAY}\n{body}"))

@@ -2,7 +2,7 @@
 //!
 //! Lua thread → [`MqttCommand`] → worker → broker → ack → [`MqttEvent`] → driver loop.
 //!
-//! Layout: [`types`] is the vocabulary both sides share; [`wire`] turns packets into bytes
+//! Layout: `types` is the vocabulary both sides share; [`wire`] turns packets into bytes
 //! and back for MQTT 3.1.1 and 5 alike; [`outbox`] is the pure session state (packet ids,
 //! window, resends, exactly-once completion); `link` opens a connection; `worker` is the
 //! task that ties them to a socket.

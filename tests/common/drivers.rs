@@ -11,6 +11,16 @@ use std::time::{Duration, Instant};
 
 pub const WAIT: Duration = Duration::from_secs(10);
 
+/// Lua for test drivers: `say(...)` fires one event holding the arguments' `tostring`,
+/// space-separated.
+pub const SAY: &str = r#"
+local function say(...)
+  local parts = {}
+  for i = 1, select('#', ...) do parts[#parts + 1] = tostring((select(i, ...))) end
+  C4:FireEvent(table.concat(parts, " "))
+end
+"#;
+
 pub struct TestDriver {
     pub handle: Option<DriverHandle>,
     pub notices: Receiver<DriverNotice>,

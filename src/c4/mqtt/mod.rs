@@ -6,7 +6,7 @@
 //! driver's loop, into calls of the object's `On…` callbacks.
 //!
 //! Errors cross the Lua/Rust boundary in one place: every method body returns
-//! `Result<_, ApiError>`, and [`config_result`]/[`id_result`] turn it into the API's return
+//! `Result<_, ApiError>`, and `config_result`/`id_result` turn it into the API's return
 //! shapes (`0` / `code, message` and `0, msgId` / `code, nil, message`). Nothing here
 //! throws a Lua error at the driver.
 
