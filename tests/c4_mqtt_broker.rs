@@ -691,3 +691,73 @@ fn a_payload_over_the_mqtt_limit_gives_9() {
         "huge 9 nil Publish: payload is 268435456 bytes; MQTT allows 268435455"
     );
 }
+
+#[test]
+fn mutual_tls_with_an_encrypted_key_and_insecure_for_a_wrong_host_name() {
+    let Some(_) = mosquitto() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let certs = common::certs::generate(dir.path());
+    let mtls = Mosquitto::start_with(MosquittoConfig {
+        listener_extra: vec![
+            format!("cafile {}", certs.ca.display()),
+            format!("certfile {}", certs.server_cert.display()),
+            format!("keyfile {}", certs.server_key.display()),
+            "require_certificate true".into(),
+        ],
+        ..Default::default()
+    });
+    let wrong_name = Mosquitto::start_with(MosquittoConfig {
+        listener_extra: vec![
+            format!("certfile {}", certs.wrong_name_cert.display()),
+            format!("keyfile {}", certs.wrong_name_key.display()),
+        ],
+        ..Default::default()
+    });
+    let s = Session::start(
+        mtls.port,
+        &format!(
+            r#"
+            local m = client("mtls")
+            say("certs", m:SetTlsCertificates("{ca}", "{cert}", "{key_enc}", "{password}"))
+            m:Connect("127.0.0.1", PORT)
+            say("nopass", select(2, client("nopass"):SetTlsCertificates("{ca}", "{cert}", "{key_enc}")) ~= nil)
+            local nocert = client("nocert"); nocert:SetTlsCertificates("{ca}"); nocert:Connect("127.0.0.1", PORT)
+            local strict = client("strict"); strict:SetTlsCertificates("{ca}"); strict:Connect("127.0.0.1", {wrong})
+            local lax = client("lax"); lax:SetTlsCertificates("{ca}"); say("insecure", lax:SetTlsInsecure(true))
+            lax:Connect("127.0.0.1", {wrong})
+            "#,
+            ca = certs.ca.display(),
+            cert = certs.client_cert.display(),
+            key_enc = certs.client_key_encrypted.display(),
+            password = common::certs::CLIENT_KEY_PASSWORD,
+            wrong = wrong_name.port,
+        ),
+    );
+    let mut seen = HashMap::new();
+    while seen.len() < 7 {
+        let e = s.next();
+        seen.insert(e.split(' ').next().unwrap().to_string(), e);
+    }
+    assert_eq!(seen["certs"], "certs 0");
+    assert_eq!(
+        seen["nopass"], "nopass true",
+        "an encrypted key without its password is refused at once"
+    );
+    assert_eq!(seen["insecure"], "insecure 0");
+    assert!(
+        seen["mtls"].starts_with("mtls connect 0 "),
+        "{}",
+        seen["mtls"]
+    );
+    assert!(
+        !seen["nocert"].starts_with("nocert connect 0 "),
+        "{}",
+        seen["nocert"]
+    );
+    assert!(
+        !seen["strict"].starts_with("strict connect 0 "),
+        "{}",
+        seen["strict"]
+    );
+    assert!(seen["lax"].starts_with("lax connect 0 "), "{}", seen["lax"]);
+}
