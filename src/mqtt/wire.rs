@@ -40,7 +40,8 @@ pub enum Packet {
     Disconnect(Disconnect),
 }
 
-#[derive(Debug, Clone, PartialEq)]
+/// `Debug` shows the password as `***`, so a packet can be logged whole.
+#[derive(Clone, PartialEq)]
 pub struct Connect {
     pub client_id: String,
     pub clean_session: bool,
@@ -49,6 +50,20 @@ pub struct Connect {
     pub password: Option<String>,
     pub will: Option<Will>,
     pub props: Props,
+}
+
+impl fmt::Debug for Connect {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Connect")
+            .field("client_id", &self.client_id)
+            .field("clean_session", &self.clean_session)
+            .field("keepalive_secs", &self.keepalive_secs)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "***"))
+            .field("will", &self.will)
+            .field("props", &self.props)
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
