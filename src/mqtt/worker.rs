@@ -734,6 +734,16 @@ impl Worker {
             }
             Packet::PubRec(ack) => {
                 let outcome = self.outbox.on_pubrec(ack.pkid, ack.reason, ack.props);
+                if matches!(outcome, AckOutcome::Unknown) && ack.reason < 128 {
+                    // Still answered, as libmosquitto does and MQTT 5 asks (146 "Packet
+                    // Identifier not found"), so the broker does not hold the id forever.
+                    let v5 = self.link.as_ref().map(|l| l.version) == Some(ProtocolVersion::V5);
+                    self.send(&Packet::PubRel(Ack {
+                        pkid: ack.pkid,
+                        reason: if v5 { 146 } else { 0 },
+                        props: Props::default(),
+                    }));
+                }
                 self.on_ack_outcome("PUBREC", ack.pkid, outcome);
             }
             Packet::PubComp(ack) => {
