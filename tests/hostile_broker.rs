@@ -607,6 +607,34 @@ fn a_publish_with_a_wildcard_topic_drops_the_link() {
 }
 
 #[test]
+fn an_empty_topic_or_an_unknown_topic_alias_drops_the_link() {
+    let d = established_link_dropped("311", |mut socket, _| {
+        let _ = socket.write_all(&publish_qos0(false, "", b"x"));
+        swallow(socket);
+    });
+    assert_eq!(
+        d,
+        "disconnect 130 Protocol Error: the broker sent PUBLISH with invalid topic name \"\""
+    );
+    let d = established_link_dropped("5", |mut socket, _| {
+        // Empty topic, properties: Topic Alias (0x23) = 5, never defined; payload "x".
+        let _ = socket.write_all(&[0x30, 0x07, 0x00, 0x00, 0x03, 0x23, 0x00, 0x05, b'x']);
+        swallow(socket);
+    });
+    assert_eq!(
+        d,
+        "disconnect 130 Protocol Error: the broker sent PUBLISH with unknown topic alias 5"
+    );
+}
+
+#[test]
+fn a_disconnect_with_garbage_properties_drops_the_link_as_malformed() {
+    // Reason 0x8E, property length 5, but only one byte follows.
+    let d = established_link_dropped("5", send_then_listen(vec![0xE0, 0x03, 0x8E, 0x05, 0x7F]));
+    assert!(d.starts_with("disconnect 129 Malformed Packet: "), "{d}");
+}
+
+#[test]
 fn a_second_connack_drops_the_link() {
     for version in VERSIONS {
         let d = established_link_dropped(version, |mut socket, v5| {
