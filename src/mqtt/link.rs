@@ -189,7 +189,7 @@ async fn attempt(
         .props
         .maximum_packet_size
         .filter(|_| v5)
-        .map_or(wire::MAX_REMAINING_LENGTH, |m| m as usize);
+        .map_or(wire::MAX_PACKET_SIZE, |m| m as usize);
     let mut read_buf = BytesMut::with_capacity(64 * 1024);
     let connack = loop {
         match wire::decode(opts.version, &mut read_buf, max_incoming) {

@@ -8,7 +8,7 @@
 //! codec gets them wrong or slow: PUBLISH encoding (the hot path: no topic copy) and MQTT 5
 //! DISCONNECT decoding (the codec rejects the short forms a broker may send).
 
-use super::codes::v3_connack_to_reason;
+use super::codes::{reason, v3_connack_to_reason};
 use super::types::{Props, ProtocolVersion, PublishRequest, Will};
 use bytes::{BufMut, Bytes, BytesMut};
 use rumqttc::mqttbytes::v4;
@@ -17,6 +17,9 @@ use std::fmt;
 
 /// The largest remaining length MQTT can express.
 pub const MAX_REMAINING_LENGTH: usize = 268_435_455;
+/// The largest whole packet MQTT can express: a 5-byte fixed header plus the largest
+/// remaining length.
+pub const MAX_PACKET_SIZE: usize = MAX_REMAINING_LENGTH + 5;
 
 /// Every packet the client sends or receives, version-neutral.
 #[derive(Debug, Clone, PartialEq)]
@@ -37,7 +40,8 @@ pub enum Packet {
     Disconnect(Disconnect),
 }
 
-#[derive(Debug, Clone, PartialEq)]
+/// `Debug` shows the password as `***`, so a packet can be logged whole.
+#[derive(Clone, PartialEq)]
 pub struct Connect {
     pub client_id: String,
     pub clean_session: bool,
@@ -46,6 +50,20 @@ pub struct Connect {
     pub password: Option<String>,
     pub will: Option<Will>,
     pub props: Props,
+}
+
+impl fmt::Debug for Connect {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Connect")
+            .field("client_id", &self.client_id)
+            .field("clean_session", &self.clean_session)
+            .field("keepalive_secs", &self.keepalive_secs)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "***"))
+            .field("will", &self.will)
+            .field("props", &self.props)
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -131,6 +149,28 @@ pub enum WireError {
     Unsupported(&'static str),
     /// Something the codec would accept but MQTT forbids.
     Invalid(String),
+    /// An incoming packet bigger than the limit we set (MQTT 5 Maximum Packet Size).
+    TooLarge {
+        size: usize,
+        max: usize,
+    },
+}
+
+impl WireError {
+    /// The MQTT 5 reason code for a peer that sent this: 149 "Packet too large", 130
+    /// "Protocol Error" for a packet this client cannot take, otherwise 129 "Malformed
+    /// Packet".
+    pub fn reason_code(&self) -> i32 {
+        match self {
+            WireError::TooLarge { .. }
+            | WireError::V4(v4_error::Error::PayloadSizeLimitExceeded(_))
+            | WireError::V5(v5_error::Error::PayloadSizeLimitExceeded { .. }) => {
+                reason::PACKET_TOO_LARGE
+            }
+            WireError::Unsupported(_) => reason::PROTOCOL_ERROR,
+            _ => reason::MALFORMED_PACKET,
+        }
+    }
 }
 
 mod v4_error {
@@ -147,6 +187,10 @@ impl fmt::Display for WireError {
             WireError::V5(e) => write!(f, "{e}"),
             WireError::Unsupported(what) => write!(f, "unsupported packet: {what}"),
             WireError::Invalid(what) => f.write_str(what),
+            WireError::TooLarge { size, max } => write!(
+                f,
+                "a packet of {size} bytes exceeds the maximum packet size of {max} bytes"
+            ),
         }
     }
 }
@@ -166,12 +210,23 @@ impl From<v5_error::Error> for WireError {
 }
 
 /// Takes one whole packet off the front of `buf`. `Ok(None)`: more bytes are needed, and
-/// `buf` is untouched. `max_incoming` bounds the remaining length a peer may announce.
+/// `buf` is untouched. `max_incoming` bounds the whole packet (fixed header included, as
+/// MQTT 5's Maximum Packet Size counts it) a peer may announce; it is refused as soon as
+/// its header is in, before its body is waited for.
 pub fn decode(
     version: ProtocolVersion,
     buf: &mut BytesMut,
     max_incoming: usize,
 ) -> Result<Option<Packet>, WireError> {
+    if let Some((header_len, remaining)) = fixed_header(buf)? {
+        let size = header_len + remaining;
+        if size > max_incoming {
+            return Err(WireError::TooLarge {
+                size,
+                max: max_incoming,
+            });
+        }
+    }
     match version {
         ProtocolVersion::V311 => match v4::Packet::read(buf, max_incoming) {
             Ok(packet) => Ok(Some(from_v4(packet)?)),

@@ -495,6 +495,14 @@ impl Worker {
         }
     }
 
+    /// The broker broke the protocol: the link is dropped and the driver told why, with the
+    /// MQTT 5 reason code naming the fault (129 malformed, 130 protocol error, 149 too
+    /// large) rather than 7, which would blame the network.
+    fn violation(&mut self, reason: i32, detail: String) {
+        let message = format!("{}: {detail}", reason_code_to_string(reason));
+        self.lost(reason, message, Props::default(), detail);
+    }
+
     /// A clean DISCONNECT (no will), after writing whatever is pending.
     async fn close_cleanly(&mut self, props: Props) {
         if self.link.is_none() {
@@ -710,12 +718,7 @@ impl Worker {
                 Ok(Some(packet)) => self.on_packet(packet),
                 Ok(None) => return,
                 Err(e) => {
-                    self.lost(
-                        err::CONN_LOST,
-                        LOST.into(),
-                        Props::default(),
-                        format!("undecodable packet: {e}"),
-                    );
+                    self.violation(e.reason_code(), format!("undecodable packet: {e}"));
                     return;
                 }
             }
@@ -731,6 +734,16 @@ impl Worker {
             }
             Packet::PubRec(ack) => {
                 let outcome = self.outbox.on_pubrec(ack.pkid, ack.reason, ack.props);
+                if matches!(outcome, AckOutcome::Unknown) && ack.reason < 128 {
+                    // Still answered, as libmosquitto does and MQTT 5 asks (146 "Packet
+                    // Identifier not found"), so the broker does not hold the id forever.
+                    let v5 = self.link.as_ref().map(|l| l.version) == Some(ProtocolVersion::V5);
+                    self.send(&Packet::PubRel(Ack {
+                        pkid: ack.pkid,
+                        reason: if v5 { 146 } else { 0 },
+                        props: Props::default(),
+                    }));
+                }
                 self.on_ack_outcome("PUBREC", ack.pkid, outcome);
             }
             Packet::PubComp(ack) => {
@@ -782,11 +795,9 @@ impl Worker {
             | Packet::Subscribe(_)
             | Packet::Unsubscribe(_)
             | Packet::PingReq) => {
-                self.lost(
-                    err::CONN_LOST,
-                    LOST.into(),
-                    Props::default(),
-                    format!("protocol error: the broker sent {}", packet_name(&other)),
+                self.violation(
+                    reason::PROTOCOL_ERROR,
+                    format!("the broker sent {}", packet_name(&other)),
                 );
             }
         }
@@ -812,11 +823,9 @@ impl Worker {
                 match link.aliases.get(&alias) {
                     Some(topic) => publish.topic = topic.clone(),
                     None => {
-                        self.lost(
-                            err::CONN_LOST,
-                            LOST.into(),
-                            Props::default(),
-                            format!("protocol error: unknown topic alias {alias}"),
+                        self.violation(
+                            reason::PROTOCOL_ERROR,
+                            format!("the broker sent PUBLISH with unknown topic alias {alias}"),
                         );
                         return;
                     }
@@ -824,6 +833,18 @@ impl Worker {
             } else {
                 link.aliases.insert(alias, publish.topic.clone());
             }
+        }
+        // MQTT forbids these in a topic name; a driver must never see a "message" on a
+        // filter, which its own topic matching would take for a real topic.
+        if publish.topic.is_empty() || publish.topic.contains(['+', '#', '\0']) {
+            self.violation(
+                reason::PROTOCOL_ERROR,
+                format!(
+                    "the broker sent PUBLISH with invalid topic name {:?}",
+                    publish.topic
+                ),
+            );
+            return;
         }
         let pkid = publish.pkid;
         let deliver = match publish.qos {
