@@ -789,3 +789,51 @@ fn the_decoder_never_panics_on_random_bytes() {
     );
     assert!(started.elapsed() < Duration::from_secs(20));
 }
+
+#[test]
+fn disconnect_abandons_an_attempt_waiting_for_a_silent_broker() {
+    // A broker that accepts TCP and never answers the CONNECT.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (accepted_tx, accepted) = mpsc::channel();
+    let closed = std::thread::spawn(move || {
+        let (mut socket, _) = listener.accept().unwrap();
+        accepted_tx.send(()).unwrap();
+        let mut buf = [0u8; 256];
+        // Returns when the client closes the socket.
+        while socket.read(&mut buf).map(|n| n > 0).unwrap_or(false) {}
+        Instant::now()
+    });
+    let d = TestDriver::start_with(
+        &format!(
+            "{}\n{}",
+            common::drivers::SAY,
+            r#"
+            local c = C4:MQTT("abandon")
+            c:OnConnect(function(_, rc) say("connect", rc) end)
+            c:Connect("127.0.0.1", tonumber(Properties["port"]))
+            function ExecuteCommand() say("disconnect", c:Disconnect()) end
+            "#
+        ),
+        &[],
+        &[("port", &port.to_string())],
+    );
+    accepted
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the client connects");
+    let asked = Instant::now();
+    d.send(DriverEvent::Command {
+        command: "x".into(),
+        params: vec![],
+    });
+    assert!(d.next().starts_with("disconnect 4"));
+    let closed = closed.join().unwrap();
+    assert!(
+        closed.duration_since(asked) < Duration::from_secs(3),
+        "the attempt must be abandoned at once, not after the CONNACK timeout"
+    );
+    assert!(
+        d.next_within(Duration::from_millis(200)).is_none(),
+        "no OnConnect for an abandoned attempt"
+    );
+}

@@ -366,6 +366,13 @@ impl Worker {
                 tokio::select! {
                     result = &mut attempt => break Some(result),
                     cmd = self.commands.recv() => match cmd {
+                        // Disconnect abandons the attempt (dropping it closes the socket):
+                        // a driver must not wait out the CONNACK timeout of a silent broker.
+                        Some(MqttCommand::Disconnect { .. }) => {
+                            self.retry_at = None;
+                            self.log(LOG_INFO, "Disconnect: connection attempt abandoned".into());
+                            return;
+                        }
                         Some(cmd) => self.deferred.push_back(cmd),
                         None => break None,
                     },
