@@ -125,10 +125,11 @@ pub fn install(lua: &Lua, c4: &Table) -> mlua::Result<()> {
         "GetDriverConfigInfo",
         lua.create_function(|lua, (_, name): (Value, Value)| {
             let info = driver_info(lua)?;
-            let Value::String(name) = name else {
+            // driver.xml tags are UTF-8: another name, or no string, names no tag.
+            let Some(name) = name.as_string().and_then(|s| s.to_str().ok()) else {
                 return Ok(Value::Nil);
             };
-            match info.config.get(&*name.to_str()?) {
+            match info.config.get(&*name) {
                 Some(v) => Ok(Value::String(lua.create_string(v)?)),
                 None => Ok(Value::Nil),
             }
