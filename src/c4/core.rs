@@ -17,7 +17,7 @@ pub fn install(lua: &Lua, c4: &Table) -> mlua::Result<()> {
         "DebugLog",
         lua.create_function(|lua, (_, msg): (Value, Value)| {
             let info = driver_info(lua)?;
-            log::debug!(target: &info.name, "{}", display(lua, &msg)?);
+            log::debug!(target: &info.name, "{}", log_text(lua, &msg));
             Ok(())
         })?,
     )?;
@@ -25,7 +25,7 @@ pub fn install(lua: &Lua, c4: &Table) -> mlua::Result<()> {
         "ErrorLog",
         lua.create_function(|lua, (_, msg): (Value, Value)| {
             let info = driver_info(lua)?;
-            log::error!(target: &info.name, "{}", display(lua, &msg)?);
+            log::error!(target: &info.name, "{}", log_text(lua, &msg));
             Ok(())
         })?,
     )?;
@@ -141,6 +141,15 @@ pub fn install(lua: &Lua, c4: &Table) -> mlua::Result<()> {
 pub(crate) fn driver_info(lua: &Lua) -> mlua::Result<mlua::AppDataRef<'_, DriverInfo>> {
     lua.app_data_ref::<DriverInfo>()
         .ok_or_else(|| mlua::Error::runtime("C4 called outside a driver"))
+}
+
+/// What `DebugLog`/`ErrorLog` write for `v`: its `tostring`, or, when a `__tostring`
+/// throws or returns no string, a note saying so; logging never throws at the driver.
+fn log_text(lua: &Lua, v: &Value) -> String {
+    display(lua, v).unwrap_or_else(|e| {
+        let first_line = e.to_string().lines().next().unwrap_or_default().to_owned();
+        format!("<{} that tostring cannot convert: {first_line}>", crate::c4::lua_type(v))
+    })
 }
 
 /// `tostring(v)`, honouring `__tostring`.
