@@ -175,14 +175,22 @@ impl DriverLoop {
         }
     }
 
+    /// Fires the timers due now. `now` is read once: a repeating timer whose callbacks
+    /// take longer than its period fires once per pass, so events still get their turn.
     fn fire_due_timers(&self) {
+        let Some(now) = self
+            .lua
+            .app_data_ref::<DriverTimers>()
+            .map(|timers| timers.clock.now())
+        else {
+            return;
+        };
         loop {
             // The borrow of the timers ends before Lua runs: a callback may set timers.
             let due = {
                 let Some(mut timers) = self.lua.app_data_mut::<DriverTimers>() else {
                     return;
                 };
-                let now = timers.clock.now();
                 timers.heap.pop_due(now)
             };
             let Some(due) = due else { return };
