@@ -23,9 +23,19 @@ pub struct LuaTimer {
 
 impl UserData for LuaTimer {
     fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
-        methods.add_method("Cancel", |lua, this, ()| {
-            cancel(lua, this.id)?;
-            Ok(())
+        // `timer.Cancel()` (a '.' for a ':') is answered with `nil, message`, not thrown.
+        methods.add_function("Cancel", |lua, args: MultiValue| {
+            let id = match args.front() {
+                Some(Value::UserData(ud)) => ud.borrow::<LuaTimer>().ok().map(|t| t.id),
+                _ => None,
+            };
+            match id {
+                Some(id) => cancel(lua, id).map(|()| MultiValue::new()),
+                None => fail(
+                    lua,
+                    "Cancel: call it as a method, with ':' (timer:Cancel())".into(),
+                ),
+            }
         });
         methods.add_meta_method("__tostring", |_, this, ()| {
             Ok(format!("C4Timer({})", this.id))
