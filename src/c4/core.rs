@@ -148,7 +148,10 @@ pub(crate) fn driver_info(lua: &Lua) -> mlua::Result<mlua::AppDataRef<'_, Driver
 fn log_text(lua: &Lua, v: &Value) -> String {
     display(lua, v).unwrap_or_else(|e| {
         let first_line = e.to_string().lines().next().unwrap_or_default().to_owned();
-        format!("<{} that tostring cannot convert: {first_line}>", crate::c4::lua_type(v))
+        format!(
+            "<{} that tostring cannot convert: {first_line}>",
+            crate::c4::lua_type(v)
+        )
     })
 }
 
