@@ -70,7 +70,7 @@ impl DriverLoop {
             .set_name(&package.main_chunk_name)
             .set_mode(mlua::chunk::ChunkMode::Text)
             .exec()
-            .map_err(|e| load_error_message(&e))?;
+            .map_err(|e| load_error_message(&e, &package.main_chunk_name))?;
 
         let driver = DriverLoop {
             lua,
@@ -240,9 +240,17 @@ impl DriverLoop {
 }
 
 /// A load error as the user needs it: `file:line: message`, then the traceback if any.
-fn load_error_message(e: &mlua::Error) -> String {
-    match e {
+/// A message that does not name the file (`error({})` has no position, a failing
+/// `__tostring` on the error gives "error in error handling") is prefixed with it.
+fn load_error_message(e: &mlua::Error, chunk_name: &str) -> String {
+    let message = match e {
         mlua::Error::SyntaxError { message, .. } => message.clone(),
         other => other.to_string(),
+    };
+    let file = chunk_name.trim_start_matches('@');
+    if message.contains(file) {
+        message
+    } else {
+        format!("{file}: {message}")
     }
 }
