@@ -155,8 +155,35 @@ fn log_text(lua: &Lua, v: &Value) -> String {
     })
 }
 
+/// How deeply `print`/`C4:DebugLog` may nest inside `__tostring` metamethods (Lua 5.1's
+/// C-call limit). Each level holds mlua references; without a bound, a `__tostring` that
+/// logs its own table exhausts them and mlua panics.
+const MAX_NESTED_TOSTRING: usize = 200;
+
+thread_local! {
+    static TOSTRING_DEPTH: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Runs `f` one `tostring` level deeper, or fails once the nesting is too deep.
+fn nested_tostring<R>(f: impl FnOnce() -> mlua::Result<R>) -> mlua::Result<R> {
+    let depth = TOSTRING_DEPTH.with(|d| d.get());
+    if depth >= MAX_NESTED_TOSTRING {
+        return Err(mlua::Error::runtime(
+            "C stack overflow (print or C4:DebugLog nested too deeply inside __tostring)",
+        ));
+    }
+    TOSTRING_DEPTH.with(|d| d.set(depth + 1));
+    let result = f();
+    TOSTRING_DEPTH.with(|d| d.set(depth));
+    result
+}
+
 /// `tostring(v)`, honouring `__tostring`.
 fn display(lua: &Lua, v: &Value) -> mlua::Result<String> {
+    nested_tostring(|| display_unbounded(lua, v))
+}
+
+fn display_unbounded(lua: &Lua, v: &Value) -> mlua::Result<String> {
     let tostring: mlua::Function = lua.globals().get("tostring")?;
     let s: mlua::LuaString = tostring.call(v.clone())?;
     Ok(s.to_string_lossy())
@@ -165,6 +192,10 @@ fn display(lua: &Lua, v: &Value) -> mlua::Result<String> {
 /// `print(...)`: the arguments joined by tabs, one line, flushed at once so a driver's
 /// output interleaves correctly with other drivers' and with a test's reading of stdout.
 fn print(lua: &Lua, args: Variadic<Value>) -> mlua::Result<()> {
+    nested_tostring(|| print_unbounded(lua, args))
+}
+
+fn print_unbounded(lua: &Lua, args: Variadic<Value>) -> mlua::Result<()> {
     let mut line = Vec::with_capacity(64);
     let tostring: mlua::Function = lua.globals().get("tostring")?;
     for (i, v) in args.iter().enumerate() {
