@@ -92,6 +92,7 @@ fn stop_signal() -> Receiver<()> {
 }
 
 fn run(args: RunArgs) -> ExitCode {
+    let driver_path = args.driver.clone();
     let package = match crate::package::load(&args.driver) {
         Ok(p) => p,
         Err(e) => {
@@ -142,8 +143,9 @@ fn run(args: RunArgs) -> ExitCode {
     // the handle would join it), only left behind for the process's exit to end.
     let still_loading = |why: &str| {
         eprintln!(
-            "luadriver: {why} while {name} was still loading (its chunk or OnDriverInit had \
-             not returned)"
+            "luadriver: {why} while {name} ({}) was still loading (its chunk or \
+             OnDriverInit had not returned)",
+            driver_path.display()
         );
         ExitCode::from(1)
     };
