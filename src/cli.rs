@@ -96,6 +96,7 @@ fn stop_signal() -> Receiver<()> {
 }
 
 fn run(args: RunArgs) -> ExitCode {
+    let driver_path = args.driver.clone();
     let package = match crate::package::load(&args.driver) {
         Ok(p) => p,
         Err(e) => {
@@ -151,8 +152,36 @@ fn run(args: RunArgs) -> ExitCode {
         }
     };
 
-    // Wait for the chunk and OnDriverInit.
-    match notices.recv() {
+    // `--for` counts from the start; beyond what the clock can hold it is "until stopped".
+    let deadline = args.run_for.and_then(|d| Instant::now().checked_add(d));
+    let timeout = match deadline {
+        Some(d) => crossbeam_channel::at(d),
+        None => crossbeam_channel::never(),
+    };
+
+    // Wait for the chunk and OnDriverInit; a chunk that never returns must not make
+    // --for, Ctrl-C or SIGTERM powerless. Its thread cannot be stopped or joined (dropping
+    // the handle would join it), only left behind for the process's exit to end.
+    let still_loading = |why: &str| {
+        eprintln!(
+            "luadriver: {why} while {name} ({}) was still loading (its chunk or \
+             OnDriverInit had not returned)",
+            driver_path.display()
+        );
+        ExitCode::from(1)
+    };
+    let loaded = select! {
+        recv(notices) -> notice => notice,
+        recv(stop) -> _ => {
+            std::mem::forget(handle);
+            return still_loading("stopped");
+        }
+        recv(timeout) -> _ => {
+            std::mem::forget(handle);
+            return still_loading("--for elapsed");
+        }
+    };
+    match loaded {
         Ok(DriverNotice::Initialized { .. }) => {}
         Ok(DriverNotice::Failed { error, .. }) => {
             eprintln!("luadriver: {error}");
@@ -172,11 +201,6 @@ fn run(args: RunArgs) -> ExitCode {
         None => log::info!("running {name} (Ctrl-C to stop)"),
     }
 
-    let deadline = args.run_for.map(|d| Instant::now() + d);
-    let timeout = match deadline {
-        Some(d) => crossbeam_channel::at(d),
-        None => crossbeam_channel::never(),
-    };
     loop {
         select! {
             recv(stop) -> _ => break,

@@ -17,7 +17,7 @@ pub fn install(lua: &Lua, c4: &Table) -> mlua::Result<()> {
         "DebugLog",
         lua.create_function(|lua, (_, msg): (Value, Value)| {
             let info = driver_info(lua)?;
-            log::debug!(target: &info.name, "{}", display(lua, &msg)?);
+            log::debug!(target: &info.name, "{}", log_text(lua, &msg));
             Ok(())
         })?,
     )?;
@@ -25,7 +25,7 @@ pub fn install(lua: &Lua, c4: &Table) -> mlua::Result<()> {
         "ErrorLog",
         lua.create_function(|lua, (_, msg): (Value, Value)| {
             let info = driver_info(lua)?;
-            log::error!(target: &info.name, "{}", display(lua, &msg)?);
+            log::error!(target: &info.name, "{}", log_text(lua, &msg));
             Ok(())
         })?,
     )?;
@@ -125,10 +125,11 @@ pub fn install(lua: &Lua, c4: &Table) -> mlua::Result<()> {
         "GetDriverConfigInfo",
         lua.create_function(|lua, (_, name): (Value, Value)| {
             let info = driver_info(lua)?;
-            let Value::String(name) = name else {
+            // driver.xml tags are UTF-8: another name, or no string, names no tag.
+            let Some(name) = name.as_string().and_then(|s| s.to_str().ok()) else {
                 return Ok(Value::Nil);
             };
-            match info.config.get(&*name.to_str()?) {
+            match info.config.get(&*name) {
                 Some(v) => Ok(Value::String(lua.create_string(v)?)),
                 None => Ok(Value::Nil),
             }
@@ -142,8 +143,47 @@ pub(crate) fn driver_info(lua: &Lua) -> mlua::Result<mlua::AppDataRef<'_, Driver
         .ok_or_else(|| mlua::Error::runtime("C4 called outside a driver"))
 }
 
+/// What `DebugLog`/`ErrorLog` write for `v`: its `tostring`, or, when a `__tostring`
+/// throws or returns no string, a note saying so; logging never throws at the driver.
+fn log_text(lua: &Lua, v: &Value) -> String {
+    display(lua, v).unwrap_or_else(|e| {
+        let first_line = e.to_string().lines().next().unwrap_or_default().to_owned();
+        format!(
+            "<{} that tostring cannot convert: {first_line}>",
+            crate::c4::lua_type(v)
+        )
+    })
+}
+
+/// How deeply `print`/`C4:DebugLog` may nest inside `__tostring` metamethods (Lua 5.1's
+/// C-call limit). Each level holds mlua references; without a bound, a `__tostring` that
+/// logs its own table exhausts them and mlua panics.
+const MAX_NESTED_TOSTRING: usize = 200;
+
+thread_local! {
+    static TOSTRING_DEPTH: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Runs `f` one `tostring` level deeper, or fails once the nesting is too deep.
+fn nested_tostring<R>(f: impl FnOnce() -> mlua::Result<R>) -> mlua::Result<R> {
+    let depth = TOSTRING_DEPTH.with(|d| d.get());
+    if depth >= MAX_NESTED_TOSTRING {
+        return Err(mlua::Error::runtime(
+            "C stack overflow (print or C4:DebugLog nested too deeply inside __tostring)",
+        ));
+    }
+    TOSTRING_DEPTH.with(|d| d.set(depth + 1));
+    let result = f();
+    TOSTRING_DEPTH.with(|d| d.set(depth));
+    result
+}
+
 /// `tostring(v)`, honouring `__tostring`.
 fn display(lua: &Lua, v: &Value) -> mlua::Result<String> {
+    nested_tostring(|| display_unbounded(lua, v))
+}
+
+fn display_unbounded(lua: &Lua, v: &Value) -> mlua::Result<String> {
     let tostring: mlua::Function = lua.globals().get("tostring")?;
     let s: mlua::LuaString = tostring.call(v.clone())?;
     Ok(s.to_string_lossy())
@@ -152,6 +192,10 @@ fn display(lua: &Lua, v: &Value) -> mlua::Result<String> {
 /// `print(...)`: the arguments joined by tabs, one line, flushed at once so a driver's
 /// output interleaves correctly with other drivers' and with a test's reading of stdout.
 fn print(lua: &Lua, args: Variadic<Value>) -> mlua::Result<()> {
+    nested_tostring(|| print_unbounded(lua, args))
+}
+
+fn print_unbounded(lua: &Lua, args: Variadic<Value>) -> mlua::Result<()> {
     let mut line = Vec::with_capacity(64);
     let tostring: mlua::Function = lua.globals().get("tostring")?;
     for (i, v) in args.iter().enumerate() {

@@ -11,6 +11,10 @@ use mlua::{AnyUserData, Function, Lua, MultiValue, Table, UserData, UserDataMeth
 use std::time::Duration;
 
 const CALLBACKS: &str = "luadriver.timers";
+/// The shortest delay and period: DriverWorks timers count in milliseconds.
+const MIN_DELAY: Duration = Duration::from_millis(1);
+/// The longest delay: a century is never for a driver, and any instant plus it is valid.
+const MAX_DELAY: Duration = Duration::from_secs(100 * 365 * 86_400);
 
 /// What `SetTimer` returns: a handle with `:Cancel()`.
 pub struct LuaTimer {
@@ -19,9 +23,19 @@ pub struct LuaTimer {
 
 impl UserData for LuaTimer {
     fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
-        methods.add_method("Cancel", |lua, this, ()| {
-            cancel(lua, this.id)?;
-            Ok(())
+        // `timer.Cancel()` (a '.' for a ':') is answered with `nil, message`, not thrown.
+        methods.add_function("Cancel", |lua, args: MultiValue| {
+            let id = match args.front() {
+                Some(Value::UserData(ud)) => ud.borrow::<LuaTimer>().ok().map(|t| t.id),
+                _ => None,
+            };
+            match id {
+                Some(id) => cancel(lua, id).map(|()| MultiValue::new()),
+                None => fail(
+                    lua,
+                    "Cancel: call it as a method, with ':' (timer:Cancel())".into(),
+                ),
+            }
         });
         methods.add_meta_method("__tostring", |_, this, ()| {
             Ok(format!("C4Timer({})", this.id))
@@ -77,7 +91,11 @@ fn set_timer(
             );
         }
     };
-    let delay = Duration::from_secs_f64(ms / 1000.0);
+    // Beyond what the clock can add (1e300 ms) is "never"; below a millisecond (1e-300) is
+    // a millisecond, as a repeating timer of period 0 would be due forever.
+    let delay = Duration::try_from_secs_f64(ms / 1000.0)
+        .unwrap_or(MAX_DELAY)
+        .clamp(MIN_DELAY, MAX_DELAY);
     let id = {
         let mut timers = lua
             .app_data_mut::<DriverTimers>()

@@ -70,7 +70,7 @@ impl DriverLoop {
             .set_name(&package.main_chunk_name)
             .set_mode(mlua::chunk::ChunkMode::Text)
             .exec()
-            .map_err(|e| load_error_message(&e))?;
+            .map_err(|e| load_error_message(&e, &package.main_chunk_name))?;
 
         let driver = DriverLoop {
             lua,
@@ -175,14 +175,22 @@ impl DriverLoop {
         }
     }
 
+    /// Fires the timers due now. `now` is read once: a repeating timer whose callbacks
+    /// take longer than its period fires once per pass, so events still get their turn.
     fn fire_due_timers(&self) {
+        let Some(now) = self
+            .lua
+            .app_data_ref::<DriverTimers>()
+            .map(|timers| timers.clock.now())
+        else {
+            return;
+        };
         loop {
             // The borrow of the timers ends before Lua runs: a callback may set timers.
             let due = {
                 let Some(mut timers) = self.lua.app_data_mut::<DriverTimers>() else {
                     return;
                 };
-                let now = timers.clock.now();
                 timers.heap.pop_due(now)
             };
             let Some(due) = due else { return };
@@ -232,9 +240,17 @@ impl DriverLoop {
 }
 
 /// A load error as the user needs it: `file:line: message`, then the traceback if any.
-fn load_error_message(e: &mlua::Error) -> String {
-    match e {
+/// A message that does not name the file (`error({})` has no position, a failing
+/// `__tostring` on the error gives "error in error handling") is prefixed with it.
+fn load_error_message(e: &mlua::Error, chunk_name: &str) -> String {
+    let message = match e {
         mlua::Error::SyntaxError { message, .. } => message.clone(),
         other => other.to_string(),
+    };
+    let file = chunk_name.trim_start_matches('@');
+    if message.contains(file) {
+        message
+    } else {
+        format!("{file}: {message}")
     }
 }

@@ -89,6 +89,9 @@ impl Drop for DriverHandle {
     }
 }
 
+/// The native stack of a driver's thread.
+const DRIVER_STACK_BYTES: usize = 64 << 20;
+
 /// Starts a driver on its own thread. Load errors arrive as [`DriverNotice::Failed`].
 pub fn spawn(
     spec: DriverSpec,
@@ -101,6 +104,11 @@ pub fn spawn(
     let loop_tx = events_tx.clone();
     let thread = std::thread::Builder::new()
         .name(format!("driver-{name}"))
+        // LuaJIT bounds recursion by its Lua stack (65,500 slots) only, and recursion
+        // through C (string.gsub callbacks, print inside __tostring) reaches that bound
+        // after tens of MB of native stack; 2 MB (Rust's default) aborted the process.
+        // Reserved, not committed: only what a driver uses is paid for.
+        .stack_size(DRIVER_STACK_BYTES)
         .spawn(move || {
             let id = spec.id;
             match DriverLoop::load(spec, loop_tx, events_rx, rt, Some(notices.clone())) {

@@ -265,15 +265,17 @@ fn id_result(lua: &Lua, r: Result<MsgId, ApiError>) -> mlua::Result<MultiValue> 
 }
 
 fn code_text(lua: &Lua, args: MultiValue, text: fn(i32) -> &'static str) -> mlua::Result<Value> {
-    // Works as obj:ErrorCodeToString(c) and as obj.ErrorCodeToString(c).
+    // No code in either table: its text is the one for an unknown code.
+    const NOT_A_CODE: i32 = i32::MAX;
+    // Works as obj:ErrorCodeToString(c) and as obj.ErrorCodeToString(c). Whatever the
+    // argument, the result is a string, so `"failed: " .. obj:ErrorCodeToString(rc)` can
+    // never throw.
     let code = args
         .iter()
         .find(|v| !matches!(v, Value::UserData(_)))
-        .and_then(|v| int_in(v, i32::MIN as i64, i32::MAX as i64));
-    match code {
-        Some(c) => Ok(Value::String(lua.create_string(text(c as i32))?)),
-        None => Ok(Value::Nil),
-    }
+        .and_then(|v| int_in(v, i32::MIN as i64, i32::MAX as i64))
+        .map_or(NOT_A_CODE, |c| c as i32);
+    Ok(Value::String(lua.create_string(text(code))?))
 }
 
 fn register_callback(name: &str, args: MultiValue) -> Result<(), ApiError> {
