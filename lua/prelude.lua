@@ -33,3 +33,36 @@ function dofile(filename)
   end
   return f()
 end
+
+-- Each nested coroutine.resume runs on the C stack; unbounded nesting
+-- (`local function f() return coroutine.wrap(f)() end`) would overflow it and take the
+-- whole process down. Lua 5.1 limits C calls to 200 levels; so do we, with an error.
+local raw_resume, raw_create = coroutine.resume, coroutine.create
+local MAX_RESUME_DEPTH = 200
+local resume_depth = 0
+
+local function leave(...)
+  resume_depth = resume_depth - 1
+  return ...
+end
+
+function coroutine.resume(co, ...)
+  if resume_depth >= MAX_RESUME_DEPTH then
+    return false, "C stack overflow (coroutines nested too deeply)"
+  end
+  resume_depth = resume_depth + 1
+  return leave(raw_resume(co, ...))
+end
+
+function coroutine.wrap(f)
+  local co = raw_create(f)
+  local function unwrap(ok, ...)
+    if not ok then
+      error((...), 0)
+    end
+    return ...
+  end
+  return function(...)
+    return unwrap(coroutine.resume(co, ...))
+  end
+end

@@ -494,3 +494,24 @@ fn two_drivers_in_one_process_have_separate_states() {
     a.expect(&["a sees a"]);
     b.expect(&["b sees b"]);
 }
+
+#[test]
+fn runaway_coroutine_nesting_is_an_error_not_a_crash() {
+    let d = driver(
+        r#"
+        function OnDriverLateInit()
+          local function f() return coroutine.wrap(f)() end
+          local ok, err = pcall(f)
+          say(ok, (tostring(err):gsub("^.-: ", "")))
+          local co = coroutine.wrap(function(a) local b = coroutine.yield(a + 1) return b * 2 end)
+          say(co(1), co(5))
+          say(coroutine.resume(coroutine.create(function() error("inner", 0) end)))
+        end
+        "#,
+    );
+    d.expect(&[
+        "false C stack overflow (coroutines nested too deeply)",
+        "2 10",
+        "false inner",
+    ]);
+}

@@ -111,9 +111,35 @@ fn client_auth_error(cert_path: &Path, key_path: &Path, error: TlsError) -> Stri
     }
 }
 
+/// Certificates and keys are small; anything bigger is not one. The cap also keeps a
+/// driver thread from reading `/dev/zero` or a named pipe forever.
+const MAX_PEM_FILE: u64 = 4 * 1024 * 1024;
+
 fn read_file(what: &str, path: &Path) -> Result<Vec<u8>, String> {
-    std::fs::read(path)
-        .map_err(|e| format!("{CALL}: cannot read {what} file {}: {e}", path.display()))
+    use std::io::Read;
+    let cannot =
+        |e: std::io::Error| format!("{CALL}: cannot read {what} file {}: {e}", path.display());
+    let meta = std::fs::metadata(path).map_err(cannot)?;
+    if !meta.is_file() {
+        return Err(format!(
+            "{CALL}: {what} file {} is not a regular file",
+            path.display()
+        ));
+    }
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .map_err(cannot)?
+        .take(MAX_PEM_FILE + 1)
+        .read_to_end(&mut bytes)
+        .map_err(cannot)?;
+    if bytes.len() as u64 > MAX_PEM_FILE {
+        return Err(format!(
+            "{CALL}: {what} file {} is over {} MiB: not a PEM certificate or key",
+            path.display(),
+            MAX_PEM_FILE / 1024 / 1024
+        ));
+    }
+    Ok(bytes)
 }
 
 fn read_certificates(what: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
@@ -448,6 +474,22 @@ mod tests {
             Some("hunter2"),
         );
         assert!(build_client_config(&ok, false).is_ok());
+    }
+
+    #[test]
+    fn devices_and_folders_are_refused_without_reading_them() {
+        let f = Files::new();
+        let zero = TlsFiles {
+            ca: Some("/dev/zero".into()),
+            ..Default::default()
+        };
+        let e = build_client_config(&zero, false).err().expect("refused");
+        assert!(e.contains("/dev/zero is not a regular file"), "{e}");
+        let dir = TlsFiles {
+            ca: Some(f.path("")),
+            ..Default::default()
+        };
+        assert!(build_client_config(&dir, false).is_err());
     }
 
     #[test]
