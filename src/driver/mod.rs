@@ -10,9 +10,11 @@ pub mod event;
 mod event_loop;
 mod sandbox;
 pub mod timers;
+pub mod watchdog;
 
 pub use event::{ClientKey, DriverEvent, DriverNotice};
 pub use event_loop::DriverLoop;
+pub use watchdog::DriverLimits;
 
 use crate::package::DriverPackage;
 use crossbeam_channel::Sender;
@@ -89,9 +91,20 @@ impl Drop for DriverHandle {
     }
 }
 
-/// Starts a driver on its own thread. Load errors arrive as [`DriverNotice::Failed`].
+/// Starts a driver on its own thread, with the process's default [`DriverLimits`]
+/// ([`watchdog::set_default_limits`]). Load errors arrive as [`DriverNotice::Failed`].
 pub fn spawn(
     spec: DriverSpec,
+    rt: tokio::runtime::Handle,
+    notices: Sender<DriverNotice>,
+) -> std::io::Result<DriverHandle> {
+    spawn_with_limits(spec, watchdog::default_limits(), rt, notices)
+}
+
+/// [`spawn`] with limits of its own for this driver.
+pub fn spawn_with_limits(
+    spec: DriverSpec,
+    limits: DriverLimits,
     rt: tokio::runtime::Handle,
     notices: Sender<DriverNotice>,
 ) -> std::io::Result<DriverHandle> {
@@ -103,7 +116,15 @@ pub fn spawn(
         .name(format!("driver-{name}"))
         .spawn(move || {
             let id = spec.id;
-            match DriverLoop::load(spec, loop_tx, events_rx, rt, Some(notices.clone())) {
+            let loaded = DriverLoop::load_with_limits(
+                spec,
+                limits,
+                loop_tx,
+                events_rx,
+                rt,
+                Some(notices.clone()),
+            );
+            match loaded {
                 Ok(driver) => driver.run(),
                 Err(error) => {
                     let _ = notices.send(DriverNotice::Failed { id, error });
