@@ -25,16 +25,19 @@
 //!   were all stopped within the 200 ms limit of the experiment. A `pcall` would swallow a
 //!   single error; after the limit the hook is re-armed to fire on every instruction, so the
 //!   error is raised again at the first instruction outside the `pcall`.
-//! - Cost (best of 3, debug build of this crate, LuaJIT itself -O2; a loaded 2-core machine,
-//!   so ±20%): relative to the JIT on,
-//!   `string.format`+`gsub` loop: JIT off 0.99×, JIT off + hook per 10⁴ instructions 1.01×;
-//!   table of records + `table.concat`: 1.76× / 1.56×; `tostring` into a table: 4.0× / 3.4×;
-//!   arithmetic loop: 1.2× / 1.7×; a tight loop of calls to a small Lua function, which the JIT
-//!   inlines away: 15× / 18×. The hook itself costs little over the plain interpreter (0–40%
-//!   in tight loops, within the noise at 10⁴–10⁵ instructions); the price is the JIT. A
-//!   DriverWorks driver spends its time in C4 calls, strings and tables, where the
-//!   interpreter is within 1–4× of the JIT; hence `stop_runaway` is on by default, and
-//!   `stop_runaway: false` keeps the JIT for drivers that need raw speed (report only).
+//! - Cost (`cargo test --test isolation -- --ignored --nocapture`; best of 3, two runs on a
+//!   loaded 2-core machine, debug build of this crate, LuaJIT itself always -O2), relative to
+//!   the JIT on, as "JIT off" / "JIT off + count hook":
+//!   `string.format`+`gsub` loop 1.0–1.15× / 1.0–1.2×; building records + `table.concat`
+//!   1.8× / 1.6–1.9×; `tostring` into a table 2.5–4.0× / 2.3–3.4×; an arithmetic loop
+//!   1.2–1.4× / 1.7–2.1×; a tight loop of calls to a small Lua function, which the JIT inlines
+//!   away, 15× / 18–21×. A hook on JIT-on code costs nothing (0.99–1.13×) since it never runs.
+//!   Over the plain interpreter the hook adds up to ~50% in tight pure-Lua loops whatever its
+//!   period (10³, 10⁴, 10⁵ instructions alike): the price is the interpreter's per-instruction
+//!   hook dispatch, not the callback; in code that spends its time in C functions it is lost
+//!   in the noise. A DriverWorks driver spends its time in C4 calls, strings and tables, where
+//!   the whole price is 1–4×; hence `stop_runaway` is on by default, and
+//!   `stop_runaway: false` keeps the JIT for a driver that needs raw speed (report only).
 //! - There is no interrupt API for LuaJIT in mlua (`Lua::set_interrupt` is Luau only), and a
 //!   hook cannot safely be set from another thread through mlua (`Lua` is not `Send` here).
 //! - Memory: mlua creates LuaJIT states with its own allocator (GC64 allows it), so
@@ -42,8 +45,9 @@
 //!   `t[#t+1] = string.rep("x", 1e6)` loop under a 64 MiB limit failed with "not enough memory"
 //!   after 32 ms; after a full GC the state was back at 300 kB and ran new code. A memory
 //!   error is an ordinary Lua error (`pcall` can catch it), raised in the offending call.
-//! - A long single C function (`string.rep("x", 1e8)`) cannot be interrupted by any hook; it
-//!   is bounded by the memory limit and reported by the watchdog thread.
+//! - A single long C function (a pathological `string.find` pattern, a C4 call that blocks)
+//!   cannot be interrupted by any hook: it is reported by the watchdog thread, and stopped at
+//!   the first Lua instruction after it returns.
 
 use super::event::DriverNotice;
 use crossbeam_channel::Sender;
