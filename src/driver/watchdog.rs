@@ -328,3 +328,82 @@ fn watchdog_loop(watched: &Mutex<Vec<Weak<Watch>>>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn watch(limit: Duration) -> (Arc<Watch>, crossbeam_channel::Receiver<DriverNotice>) {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let limits = DriverLimits {
+            busy_limit: limit,
+            ..DriverLimits::DEFAULT
+        };
+        let w = Watch::new(3, "unit".into(), limits, Some(tx));
+        w.announce();
+        (w, rx)
+    }
+
+    #[test]
+    fn a_long_call_is_reported_once_and_its_end_once() {
+        let (w, rx) = watch(Duration::from_millis(10));
+        {
+            let _busy = w.enter();
+            assert!(!w.check(now_ms()), "reported before the limit");
+            // The call outlives its limit: time has to pass, there is no event to wait for.
+            std::thread::sleep(Duration::from_millis(30));
+            assert!(w.check(now_ms()));
+            assert!(w.check(now_ms()));
+            assert_eq!(rx.try_recv(), Ok(DriverNotice::Stuck { id: 3, seconds: 0 }));
+            assert!(rx.try_recv().is_err(), "reported twice");
+        }
+        assert_eq!(
+            rx.try_recv(),
+            Ok(DriverNotice::Responsive { id: 3, seconds: 0 })
+        );
+        assert!(!w.check(now_ms()));
+        assert!(rx.try_recv().is_err());
+    }
+
+    #[test]
+    fn a_nested_call_counts_as_the_outer_one_and_short_calls_are_not_reported() {
+        let (w, rx) = watch(Duration::from_secs(60));
+        let outer = w.enter();
+        let started = w.busy.load(Ordering::Acquire);
+        drop(w.enter());
+        assert_eq!(
+            w.busy.load(Ordering::Acquire),
+            started,
+            "inner call cleared it"
+        );
+        assert!(!w.check(now_ms()));
+        drop(outer);
+        assert_eq!(w.busy.load(Ordering::Acquire), 0);
+        assert!(rx.try_recv().is_err());
+    }
+
+    #[test]
+    fn notices_wait_for_announce_and_memory_errors_are_recognised_through_callbacks() {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let w = Watch::new(4, "quiet".into(), DriverLimits::DEFAULT, Some(tx));
+        w.notify(DriverNotice::Stopped { id: 4 });
+        assert!(rx.try_recv().is_err());
+        w.announce();
+        w.notify(DriverNotice::Stopped { id: 4 });
+        assert_eq!(rx.try_recv(), Ok(DriverNotice::Stopped { id: 4 }));
+
+        let lua = Lua::new();
+        lua.set_memory_limit(1 << 20).unwrap();
+        let err = lua
+            .load("local s = string.rep('x', 4e6)")
+            .exec()
+            .unwrap_err();
+        assert!(is_memory_error(&err), "{err:?}");
+        let wrapped = mlua::Error::CallbackError {
+            traceback: String::new(),
+            cause: Arc::new(err),
+        };
+        assert!(is_memory_error(&wrapped));
+        assert!(!is_memory_error(&mlua::Error::runtime("not enough memory")));
+    }
+}
