@@ -399,10 +399,16 @@ mod tests {
             .exec()
             .unwrap_err();
         assert!(is_memory_error(&err), "{err:?}");
-        let wrapped = mlua::Error::CallbackError {
-            traceback: String::new(),
-            cause: Arc::new(err),
-        };
+        // The same error, raised in Lua code run by a Rust function called from Lua.
+        let inner = lua
+            .create_function(|lua, ()| lua.load("local s = string.rep('y', 4e6)").exec())
+            .unwrap();
+        lua.globals().set("inner", inner).unwrap();
+        let wrapped = lua.load("inner()").exec().unwrap_err();
+        assert!(
+            matches!(wrapped, mlua::Error::CallbackError { .. }),
+            "{wrapped:?}"
+        );
         assert!(is_memory_error(&wrapped));
         assert!(!is_memory_error(&mlua::Error::runtime("not enough memory")));
     }
