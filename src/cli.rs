@@ -44,6 +44,18 @@ pub struct RunArgs {
     /// can be tried with nothing else installed.
     #[arg(long, value_name = "PORT", num_args = 0..=1, default_missing_value = "1883")]
     pub embedded_broker: Option<u16>,
+    /// A callback running longer than this is reported and, unless --no-stop-runaway,
+    /// stopped with a Lua error.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "5s")]
+    pub busy_limit: Duration,
+    /// Only report a runaway callback, never stop it. Keeps LuaJIT's JIT compiler on
+    /// (stopping needs the interpreter: JIT-compiled loops never see a hook).
+    #[arg(long)]
+    pub no_stop_runaway: bool,
+    /// Memory the driver's Lua may hold, in MiB; past it, allocations fail with a Lua
+    /// "not enough memory" error.
+    #[arg(long, value_name = "MIB", default_value_t = 1024)]
+    pub memory_limit: usize,
     /// The device id `C4:GetDeviceID()` returns.
     #[arg(long, default_value_t = 1001)]
     pub device_id: u32,
@@ -134,6 +146,11 @@ fn run(args: RunArgs) -> ExitCode {
         }
         None => None,
     };
+    crate::driver::watchdog::set_default_limits(crate::driver::DriverLimits {
+        busy_limit: args.busy_limit,
+        stop_runaway: !args.no_stop_runaway,
+        memory_limit: Some(args.memory_limit.saturating_mul(1024 * 1024)),
+    });
     let stop = stop_signal();
     let (notices_tx, notices) = crossbeam_channel::unbounded();
     let name = package.name.clone();

@@ -40,4 +40,11 @@ pub enum DriverNotice {
     Event { id: u32, name: String },
     /// `OnDriverDestroyed` returned; the thread is ending.
     Stopped { id: u32 },
+    /// One call into the driver's Lua has run longer than its busy limit (reported once per
+    /// call; it is being stopped if the driver's limits say so). Sent after `Initialized`.
+    Stuck { id: u32, seconds: u64 },
+    /// The call reported as `Stuck` has ended (returned or was stopped) after `seconds`.
+    Responsive { id: u32, seconds: u64 },
+    /// A call failed because the driver's Lua state reached its memory limit (bytes).
+    OutOfMemory { id: u32, limit: usize },
 }

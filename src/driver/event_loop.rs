@@ -1,16 +1,20 @@
 //! The single-threaded loop of one driver: waits for the next event or timer deadline,
 //! dispatches it to Lua, one at a time. A Lua error in any callback is logged with the
-//! driver's name and traceback, and the loop goes on.
+//! driver's name and traceback, and the loop goes on. Every call into Lua is watched
+//! ([`super::watchdog`]): one that runs past the driver's busy limit is reported, and stopped
+//! with a Lua error if the limits say so; the loop then goes on with the next event.
 
 use super::context::{Clock, DriverInfo, DriverTimers};
 use super::event::{DriverEvent, DriverNotice};
 use super::timers::TimerHeap;
+use super::watchdog::{self, DriverLimits, Watch};
 use super::{DriverSpec, InitType, sandbox};
 use crate::c4;
 use crate::c4::persist::PersistStore;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use mlua::{Function, IntoLuaMulti, Lua, Table, Value};
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 /// A loaded driver, ready to run its loop on the current thread.
 pub struct DriverLoop {
@@ -20,13 +24,28 @@ pub struct DriverLoop {
     init_type: InitType,
     events_rx: Receiver<DriverEvent>,
     notices: Option<Sender<DriverNotice>>,
+    watch: Arc<Watch>,
 }
 
 impl DriverLoop {
     /// Builds the Lua state, runs the chunk and `OnDriverInit`. An error in the chunk fails
     /// the load (`file:line: message`); an error in `OnDriverInit` is logged, not fatal.
+    /// Uses the process's default [`DriverLimits`].
     pub fn load(
         spec: DriverSpec,
+        events_tx: Sender<DriverEvent>,
+        events_rx: Receiver<DriverEvent>,
+        rt: tokio::runtime::Handle,
+        notices: Option<Sender<DriverNotice>>,
+    ) -> Result<DriverLoop, String> {
+        let limits = watchdog::default_limits();
+        Self::load_with_limits(spec, limits, events_tx, events_rx, rt, notices)
+    }
+
+    /// [`DriverLoop::load`] with limits of its own for this driver.
+    pub fn load_with_limits(
+        spec: DriverSpec,
+        limits: DriverLimits,
         events_tx: Sender<DriverEvent>,
         events_rx: Receiver<DriverEvent>,
         rt: tokio::runtime::Handle,
@@ -37,6 +56,8 @@ impl DriverLoop {
         let finder = std::sync::Arc::clone(&package);
         let lua = sandbox::new_state(Box::new(move |module| finder.find_module(module)))
             .map_err(|e| format!("{name}: cannot create the Lua state: {e}"))?;
+        let watch = Watch::new(spec.id, name.clone(), limits, notices.clone());
+        watchdog::arm(&lua, &watch).map_err(|e| format!("{name}: cannot set limits: {e}"))?;
 
         // driver.xml defaults first, then what the user gave.
         let mut properties = package.properties.clone();
@@ -66,11 +87,14 @@ impl DriverLoop {
         });
         c4::install(&lua, &properties).map_err(|e| format!("{name}: cannot install C4: {e}"))?;
 
-        lua.load(&package.main_source[..])
-            .set_name(&package.main_chunk_name)
-            .set_mode(mlua::chunk::ChunkMode::Text)
-            .exec()
-            .map_err(|e| load_error_message(&e, &package.main_chunk_name))?;
+        {
+            let _busy = watch.enter();
+            lua.load(&package.main_source[..])
+                .set_name(&package.main_chunk_name)
+                .set_mode(mlua::chunk::ChunkMode::Text)
+                .exec()
+                .map_err(|e| load_error_message(&e, &package.main_chunk_name))?;
+        }
 
         let driver = DriverLoop {
             lua,
@@ -79,9 +103,11 @@ impl DriverLoop {
             init_type: spec.init_type,
             events_rx,
             notices,
+            watch,
         };
         driver.call_global("OnDriverInit", driver.init_type.as_str());
         driver.notify(DriverNotice::Initialized { id: driver.id });
+        driver.watch.announce();
         Ok(driver)
     }
 
@@ -131,6 +157,8 @@ impl DriverLoop {
 
     /// Handles one event; returns the stop reason when it was `Stop`.
     fn dispatch(&self, event: DriverEvent) -> Option<String> {
+        // Setting a property or delivering MQTT may run the driver's metamethods too.
+        let _busy = self.watch.enter();
         match event {
             DriverEvent::LateInit => {}
             DriverEvent::Stop { reason } => return Some(reason),
@@ -222,6 +250,7 @@ impl DriverLoop {
     }
 
     fn call(&self, what: &str, f: &Function, args: impl IntoLuaMulti) {
+        let _busy = self.watch.enter();
         if let Err(e) = f.call::<()>(args) {
             self.report(what, &e);
         }
@@ -230,6 +259,22 @@ impl DriverLoop {
     /// An error from Lua: logged with the driver's name (the log target) and traceback.
     fn report(&self, what: &str, error: &mlua::Error) {
         log::error!(target: &self.name, "error in {what}: {error}");
+        if watchdog::is_memory_error(error) {
+            let limit = self.watch.limits().memory_limit.unwrap_or(0);
+            // What the failed call built is garbage now; free it before the next event.
+            if let Err(e) = self.lua.gc_collect() {
+                log::debug!(target: &self.name, "collection after a memory error: {e}");
+            }
+            log::warn!(
+                target: &self.name,
+                "the driver's Lua reached its memory limit of {} MiB (in use after a full \
+                 collection: {} MiB)",
+                limit / (1024 * 1024),
+                self.lua.used_memory() / (1024 * 1024)
+            );
+            self.watch
+                .notify(DriverNotice::OutOfMemory { id: self.id, limit });
+        }
     }
 
     fn notify(&self, notice: DriverNotice) {

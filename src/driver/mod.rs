@@ -10,9 +10,11 @@ pub mod event;
 mod event_loop;
 mod sandbox;
 pub mod timers;
+pub mod watchdog;
 
 pub use event::{ClientKey, DriverEvent, DriverNotice};
 pub use event_loop::DriverLoop;
+pub use watchdog::DriverLimits;
 
 use crate::package::DriverPackage;
 use crossbeam_channel::Sender;
@@ -89,12 +91,26 @@ impl Drop for DriverHandle {
     }
 }
 
-/// The native stack of a driver's thread.
-const DRIVER_STACK_BYTES: usize = 64 << 20;
+/// The native stack of a driver's thread. LuaJIT has no limit on recursion through C
+/// (a `gsub` callback calling `gsub`) other than its Lua stack of 65,500 slots, which such
+/// recursion reaches only after more than 64 MiB of native stack when the watchdog's hook
+/// is on. Address space is only reserved: a driver pays for the pages it touches.
+const DRIVER_STACK_BYTES: usize = 256 << 20;
 
-/// Starts a driver on its own thread. Load errors arrive as [`DriverNotice::Failed`].
+/// Starts a driver on its own thread, with the process's default [`DriverLimits`]
+/// ([`watchdog::set_default_limits`]). Load errors arrive as [`DriverNotice::Failed`].
 pub fn spawn(
     spec: DriverSpec,
+    rt: tokio::runtime::Handle,
+    notices: Sender<DriverNotice>,
+) -> std::io::Result<DriverHandle> {
+    spawn_with_limits(spec, watchdog::default_limits(), rt, notices)
+}
+
+/// [`spawn`] with limits of its own for this driver.
+pub fn spawn_with_limits(
+    spec: DriverSpec,
+    limits: DriverLimits,
     rt: tokio::runtime::Handle,
     notices: Sender<DriverNotice>,
 ) -> std::io::Result<DriverHandle> {
@@ -111,7 +127,15 @@ pub fn spawn(
         .stack_size(DRIVER_STACK_BYTES)
         .spawn(move || {
             let id = spec.id;
-            match DriverLoop::load(spec, loop_tx, events_rx, rt, Some(notices.clone())) {
+            let loaded = DriverLoop::load_with_limits(
+                spec,
+                limits,
+                loop_tx,
+                events_rx,
+                rt,
+                Some(notices.clone()),
+            );
+            match loaded {
                 Ok(driver) => driver.run(),
                 Err(error) => {
                     let _ = notices.send(DriverNotice::Failed { id, error });

@@ -483,7 +483,7 @@ mod tests {
             ca: Some("/dev/zero".into()),
             ..Default::default()
         };
-        let e = build_client_config(&zero, false).err().expect("refused");
+        let e = build_client_config(&zero, false).expect_err("refused");
         assert!(e.contains("/dev/zero is not a regular file"), "{e}");
         let dir = TlsFiles {
             ca: Some(f.path("")),
