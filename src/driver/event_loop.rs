@@ -71,6 +71,7 @@ impl DriverLoop {
             .set_mode(mlua::chunk::ChunkMode::Text)
             .exec()
             .map_err(|e| load_error_message(&e))?;
+        c4::mqtt::flush(&lua);
 
         let driver = DriverLoop {
             lua,
@@ -161,6 +162,7 @@ impl DriverLoop {
                 if let Err(e) = c4::mqtt::deliver(&self.lua, client, event) {
                     self.report("MQTT callback", &e);
                 }
+                c4::mqtt::flush(&self.lua);
             }
         }
         None
@@ -217,6 +219,8 @@ impl DriverLoop {
         if let Err(e) = f.call::<()>(args) {
             self.report(what, &e);
         }
+        // What the driver published in this callback goes to the workers now.
+        c4::mqtt::flush(&self.lua);
     }
 
     /// An error from Lua: logged with the driver's name (the log target) and traceback.
