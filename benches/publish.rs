@@ -176,7 +176,7 @@ fn raise_nofile_limit() -> u64 {
             lim.rlim_cur = lim.rlim_max;
             libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
         }
-        lim.rlim_cur as u64
+        lim.rlim_cur
     }
 }
 
@@ -748,7 +748,7 @@ fn fmt_rate(r: f64) -> String {
     let s = r.to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
