@@ -95,6 +95,7 @@ impl DriverLoop {
                 .exec()
                 .map_err(|e| load_error_message(&e, &package.main_chunk_name))?;
         }
+        c4::mqtt::flush(&lua);
 
         let driver = DriverLoop {
             lua,
@@ -189,6 +190,7 @@ impl DriverLoop {
                 if let Err(e) = c4::mqtt::deliver(&self.lua, client, event) {
                     self.report("MQTT callback", &e);
                 }
+                c4::mqtt::flush(&self.lua);
             }
         }
         None
@@ -254,6 +256,8 @@ impl DriverLoop {
         if let Err(e) = f.call::<()>(args) {
             self.report(what, &e);
         }
+        // What the driver published in this callback goes to the workers now.
+        c4::mqtt::flush(&self.lua);
     }
 
     /// An error from Lua: logged with the driver's name (the log target) and traceback.

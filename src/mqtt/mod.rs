@@ -36,6 +36,16 @@ impl MqttHandle {
     pub fn send(&self, cmd: MqttCommand) -> bool {
         self.commands.send(cmd).is_ok()
     }
+
+    /// True once the worker has ended: nothing sent now would be taken.
+    pub fn is_closed(&self) -> bool {
+        self.commands.is_closed()
+    }
+
+    /// Is `other` a handle of the same client?
+    pub fn same_client(&self, other: &MqttHandle) -> bool {
+        Arc::ptr_eq(&self.status, &other.status)
+    }
 }
 
 /// Starts one client's worker on `rt`; its events go to `sink`. Nothing connects until a
