@@ -168,6 +168,9 @@ async fn refuse_turns_new_connections_away_and_leaves_old_ones() {
     let (upstream, _ended) = echo_server().await;
     let proxy = FaultProxy::start(upstream);
     let mut old = connect(&proxy).await;
+    // Until the proxy has accepted it, `old` sits in the listener's backlog, and closing
+    // the listener would reset it.
+    round_trip(&mut old, "accepted").await;
 
     proxy.refuse(true);
     let error = TcpStream::connect(("127.0.0.1", proxy.port))

@@ -50,6 +50,8 @@ pub struct Worker {
     deferred: VecDeque<MqttCommand>,
     sink: EventSink,
     status: Arc<ClientStatus>,
+    /// Publish commands taken from `commands`, published as `ClientStatus::taken`.
+    publishes_taken: u64,
     /// The last `Connect` settings, for `Reconnect` and auto-reconnect.
     options: Option<ConnectOptions>,
     outbox: Outbox,
@@ -82,6 +84,7 @@ impl Worker {
             link: None,
             incoming_qos2: HashSet::new(),
             auto_reconnect: None,
+            publishes_taken: 0,
             retry_at: None,
             retry_attempt: 0,
             closed: false,
@@ -203,6 +206,11 @@ impl Worker {
         self.status
             .inflight
             .store(self.outbox.inflight() as u64, Ordering::Relaxed);
+        // Stored after the gauges (and read before them by `GetStats`), so a message is
+        // never counted in neither place: at worst, briefly, in both.
+        self.status
+            .taken
+            .store(self.publishes_taken, Ordering::Release);
     }
 
     // ---- commands ----
@@ -238,7 +246,7 @@ impl Worker {
                 }
             }
             MqttCommand::Publish(req) => {
-                self.status.taken.fetch_add(1, Ordering::Relaxed);
+                self.publishes_taken += 1;
                 self.publish(req)
             }
             MqttCommand::Subscribe {

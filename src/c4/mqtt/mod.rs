@@ -211,9 +211,10 @@ impl UserData for LuaMqttClient {
             let this = ud.borrow::<LuaMqttClient>()?;
             let s = &this.handle.status;
             let t = lua.create_table()?;
+            // `taken` first: see `Worker::update_gauges`.
             let in_channel = this
                 .publishes_sent
-                .saturating_sub(s.taken.load(Ordering::Relaxed));
+                .saturating_sub(s.taken.load(Ordering::Acquire));
             t.raw_set("queued", s.queued.load(Ordering::Relaxed) + in_channel)?;
             for (name, counter) in [
                 ("inflight", &s.inflight),
