@@ -44,14 +44,15 @@ pub struct RunArgs {
     /// can be tried with nothing else installed.
     #[arg(long, value_name = "PORT", num_args = 0..=1, default_missing_value = "1883")]
     pub embedded_broker: Option<u16>,
-    /// A callback running longer than this is reported and, unless --no-stop-runaway,
-    /// stopped with a Lua error.
+    /// A callback running longer than this is reported (and, with --stop-runaway, stopped
+    /// with a Lua error).
     #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "5s")]
     pub busy_limit: Duration,
-    /// Only report a runaway callback, never stop it. Keeps LuaJIT's JIT compiler on
-    /// (stopping needs the interpreter: JIT-compiled loops never see a hook).
+    /// Stop a runaway callback with a Lua error instead of only reporting it. This runs the
+    /// driver on LuaJIT's interpreter (JIT-compiled loops never see a hook), which makes
+    /// Lua-heavy code slower.
     #[arg(long)]
-    pub no_stop_runaway: bool,
+    pub stop_runaway: bool,
     /// Memory the driver's Lua may hold, in MiB; past it, allocations fail with a Lua
     /// "not enough memory" error.
     #[arg(long, value_name = "MIB", default_value_t = 1024)]
@@ -148,7 +149,7 @@ fn run(args: RunArgs) -> ExitCode {
     };
     crate::driver::watchdog::set_default_limits(crate::driver::DriverLimits {
         busy_limit: args.busy_limit,
-        stop_runaway: !args.no_stop_runaway,
+        stop_runaway: args.stop_runaway,
         memory_limit: Some(args.memory_limit.saturating_mul(1024 * 1024)),
     });
     let stop = stop_signal();

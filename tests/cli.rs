@@ -196,3 +196,36 @@ fn the_example_thermostat_heats_toward_its_setpoint() {
     assert!(temps.last() > temps.first(), "{temps:?}");
     assert_eq!(states[0]["setpoint"], 21);
 }
+
+#[test]
+fn a_runaway_callback_is_reported_and_with_stop_runaway_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_driver(
+        &dir,
+        "runaway.lua",
+        r#"
+        function OnDriverLateInit()
+          C4:SetTimer(10, function() local t0 = C4:GetTime() while C4:GetTime() - t0 < 1500 do end end)
+          C4:SetTimer(20, function() while true do end end)
+          C4:SetTimer(2500, function() print("alive after the stop") end)
+        end
+        "#,
+    );
+    let out = run(&[
+        "run",
+        path.to_str().unwrap(),
+        "--busy-limit",
+        "1s",
+        "--stop-runaway",
+        "--for",
+        "3500ms",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "alive after the stop\n");
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("stopped by luadriver: callback ran longer than 1s"),
+        "{err}"
+    );
+    assert!(err.contains("responsive again"), "{err}");
+}

@@ -233,6 +233,12 @@ fn sandbox_has_no_escape_hatches() {
           say(load(string.char(27) .. "LJ\2"))
           local ok, err = pcall(load, function() return nil end)
           say(type(loadstring("return 1")), loadstring("return 1")())
+          local path = os.tmpname()
+          local f = io.open(path, "wb"); f:write(string.char(27) .. "LJ\2\0\0"); f:close()
+          local chunk, lerr = loadfile(path)
+          local dok, derr = pcall(dofile, path)
+          os.remove(path)
+          say(chunk, lerr:find("mode") ~= nil or lerr:find("binary") ~= nil, dok)
         end
         "#,
     );
@@ -240,7 +246,11 @@ fn sandbox_has_no_escape_hatches() {
     let e = d.next();
     assert!(e.starts_with("false module 'ffi' not found"), "{e}");
     d.expect(&["", "nil binary chunks are not allowed"]);
-    d.expect(&["nil binary chunks are not allowed", "function 1"]);
+    d.expect(&[
+        "nil binary chunks are not allowed",
+        "function 1",
+        "nil true false",
+    ]);
 }
 
 #[test]
