@@ -29,7 +29,10 @@ use crate::mqtt::{
     Secret, TlsSettings, Will, spawn_client, wire,
 };
 use bytes::Bytes;
-use mlua::{AnyUserData, ErrorContext, Lua, MultiValue, Table, UserData, UserDataMethods, Value};
+use mlua::{
+    AnyUserData, ErrorContext, IntoLuaMulti, Lua, MultiValue, Table, UserData, UserDataMethods,
+    Value,
+};
 use props::{PacketKind, int_in};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -899,71 +902,48 @@ pub fn deliver(lua: &Lua, client: ClientKey, event: MqttEvent) -> mlua::Result<(
         log::debug!("event for a collected MQTT object dropped: {event:?}");
         return Ok(());
     };
-    let obj = Value::UserData(ud.clone());
+    let obj = ud.clone();
+    let props = |p: &crate::mqtt::Props| props::to_lua(lua, p);
+    // Lua strings are bytes: topics and payloads go in as such.
+    let bytes = |b: &[u8]| lua.create_string(b);
     let (name, args): (&str, MultiValue) = match event {
         MqttEvent::Connected {
             reason,
             session_present,
             message,
-            props,
+            props: p,
         } => (
             "OnConnect",
-            MultiValue::from_iter([
-                obj,
-                Value::Integer(reason as i64),
-                Value::Integer(session_present as i64),
-                Value::String(lua.create_string(&message)?),
-                Value::Table(props::to_lua(lua, &props)?),
-            ]),
+            (obj, reason, session_present as i64, message, props(&p)?).into_lua_multi(lua)?,
         ),
         MqttEvent::Disconnected {
             reason,
             message,
-            props,
+            props: p,
         } => (
             "OnDisconnect",
-            MultiValue::from_iter([
-                obj,
-                Value::Integer(reason as i64),
-                Value::String(lua.create_string(&message)?),
-                Value::Table(props::to_lua(lua, &props)?),
-            ]),
+            (obj, reason, message, props(&p)?).into_lua_multi(lua)?,
         ),
         MqttEvent::Published {
             msg_id,
             reason,
             message,
-            props,
+            props: p,
         } => (
             "OnPublish",
-            MultiValue::from_iter([
-                obj,
-                Value::Integer(msg_id as i64),
-                Value::Integer(reason as i64),
-                Value::String(lua.create_string(&message)?),
-                Value::Table(props::to_lua(lua, &props)?),
-            ]),
+            (obj, msg_id, reason, message, props(&p)?).into_lua_multi(lua)?,
         ),
         MqttEvent::Subscribed {
             msg_id,
             granted,
-            props,
+            props: p,
         } => (
             "OnSubscribe",
-            MultiValue::from_iter([
-                obj,
-                Value::Integer(msg_id as i64),
-                Value::Table(lua.create_sequence_from(granted.iter().map(|q| *q as i64))?),
-                Value::Table(props::to_lua(lua, &props)?),
-            ]),
+            (obj, msg_id, granted, props(&p)?).into_lua_multi(lua)?,
         ),
-        MqttEvent::Unsubscribed { msg_id, props } => (
+        MqttEvent::Unsubscribed { msg_id, props: p } => (
             "OnUnsubscribe",
-            MultiValue::from_iter([
-                obj,
-                Value::Integer(msg_id as i64),
-                Value::Table(props::to_lua(lua, &props)?),
-            ]),
+            (obj, msg_id, props(&p)?).into_lua_multi(lua)?,
         ),
         MqttEvent::Message {
             msg_id,
@@ -971,27 +951,21 @@ pub fn deliver(lua: &Lua, client: ClientKey, event: MqttEvent) -> mlua::Result<(
             payload,
             qos,
             retain,
-            props,
+            props: p,
         } => (
             "OnMessage",
-            MultiValue::from_iter([
+            (
                 obj,
-                Value::Integer(msg_id as i64),
-                Value::String(lua.create_string(&topic)?),
-                Value::String(lua.create_string(&payload[..])?),
-                Value::Integer(qos as i64),
-                Value::Boolean(retain),
-                Value::Table(props::to_lua(lua, &props)?),
-            ]),
+                msg_id,
+                bytes(topic.as_bytes())?,
+                bytes(&payload)?,
+                qos,
+                retain,
+                props(&p)?,
+            )
+                .into_lua_multi(lua)?,
         ),
-        MqttEvent::Log { level, line } => (
-            "OnLog",
-            MultiValue::from_iter([
-                obj,
-                Value::Integer(level as i64),
-                Value::String(lua.create_string(&line)?),
-            ]),
-        ),
+        MqttEvent::Log { level, line } => ("OnLog", (obj, level, line).into_lua_multi(lua)?),
     };
     match ud.named_user_value::<Value>(name)? {
         Value::Function(f) => f.call::<()>(args).with_context(|_| name.to_string()),
