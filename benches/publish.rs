@@ -1174,7 +1174,41 @@ fn scale_run(
     })
 }
 
-fn scale(opts: &Options, host: &mut Host, report: &mut Report) {
+/// Runs one scale case in a child process (this bench binary, `--scale-child`).
+fn scale_in_child(port: u16, count: usize, per_driver: usize) -> Result<ScaleResult, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("current exe: {e}"))?;
+    let out = std::process::Command::new(exe)
+        .args([
+            "--scale-child",
+            &count.to_string(),
+            &port.to_string(),
+            &per_driver.to_string(),
+        ])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .map_err(|e| format!("cannot start the scale child: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("SCALE "))
+        .ok_or_else(|| format!("the scale child failed ({})", out.status))?;
+    let f: Vec<f64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    match f[..] {
+        [drivers, rss, start, rate] => Ok(ScaleResult {
+            drivers: drivers as usize,
+            rss_per_driver: rss,
+            start_secs: start,
+            msgs_per_s: rate,
+        }),
+        _ => Err(format!("unreadable scale result: {line}")),
+    }
+}
+
+fn scale(opts: &Options, report: &mut Report) {
     let counts: &[usize] = if opts.quick {
         &[1, 10, 100]
     } else {
@@ -1188,7 +1222,7 @@ fn scale(opts: &Options, host: &mut Host, report: &mut Report) {
     let mut results = Vec::new();
     for &count in counts {
         let per_driver = (total / count).max(100);
-        match scale_run(host, mosquitto.port, count, per_driver) {
+        match scale_in_child(mosquitto.port, count, per_driver) {
             Ok(r) => {
                 progress(&format!(
                     "scale {count} drivers: {:.0} KiB RSS each, started in {:.2} s, {} msg/s",
@@ -1247,7 +1281,7 @@ fn scale(opts: &Options, host: &mut Host, report: &mut Report) {
     let _ = writeln!(
         table,
         "\nEach run publishes {} messages in total, split over its drivers (at least 100 each). \
-         RSS is this process's growth from before the first driver to all connected.",
+         Each case runs in a fresh child process; RSS is its growth from before the first driver to all connected.",
         fmt_rate(total as f64)
     );
     report.tables.push(table);
@@ -1280,6 +1314,33 @@ fn machine() -> (String, String, String) {
 }
 
 fn main() {
+    // `--scale-child COUNT PORT PER_DRIVER`: one scale case in a fresh process, so its RSS
+    // is the drivers' own and not memory left over from earlier sections.
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--scale-child") {
+        let num = |k: usize| -> usize {
+            args.get(i + k)
+                .and_then(|a| a.parse().ok())
+                .unwrap_or_else(|| {
+                    eprintln!("--scale-child COUNT PORT PER_DRIVER");
+                    std::process::exit(2)
+                })
+        };
+        let mut host = Host::new();
+        match scale_run(&mut host, num(2) as u16, num(1), num(3)) {
+            Ok(r) => {
+                println!(
+                    "SCALE {} {} {} {}",
+                    r.drivers, r.rss_per_driver, r.start_secs, r.msgs_per_s
+                );
+                std::process::exit(0);
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                std::process::exit(1);
+            }
+        }
+    }
     let opts = Options::parse();
     started_at();
     let nofile = raise_nofile_limit();
@@ -1307,7 +1368,7 @@ fn main() {
         round_trip(&opts, &mut host, &embedded, &mut report);
     }
     if opts.wants("scale") {
-        scale(&opts, &mut host, &mut report);
+        scale(&opts, &mut report);
     }
 
     let mut out = String::new();
