@@ -9,9 +9,6 @@ use crate::mqtt::MqttEvent;
 pub struct ClientKey(pub u64);
 
 /// Everything that flows into a driver's event loop.
-// MQTT events dominate the traffic and carry their properties inline; boxing them would
-// cost an allocation per event to save a copy.
-#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum DriverEvent {
     /// Every driver of the host has had its `OnDriverInit`: call `OnDriverLateInit`.

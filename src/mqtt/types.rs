@@ -71,8 +71,62 @@ pub struct Props {
 }
 
 impl Props {
+    /// No property at all; `const` so [`EventProps`] can point at it.
+    pub const EMPTY: Props = Props {
+        payload_format_indicator: None,
+        message_expiry_interval: None,
+        content_type: None,
+        response_topic: None,
+        correlation_data: None,
+        topic_alias: None,
+        session_expiry_interval: None,
+        receive_maximum: None,
+        maximum_packet_size: None,
+        topic_alias_maximum: None,
+        request_problem_information: None,
+        request_response_information: None,
+        reason_string: None,
+        user_properties: Vec::new(),
+        retain_available: None,
+        wildcard_subscription_available: None,
+        subscription_identifier_available: None,
+        shared_subscription_available: None,
+        maximum_qos: None,
+        server_keep_alive: None,
+        assigned_client_identifier: None,
+        server_reference: None,
+        response_information: None,
+        authentication_method: None,
+        subscription_identifiers: Vec::new(),
+    };
+
     pub fn is_empty(&self) -> bool {
-        *self == Props::default()
+        *self == Props::EMPTY
+    }
+}
+
+/// The properties that came with an event. Usually there are none (always on MQTT 3.1.1),
+/// so they are boxed only when present: an event stays small on its way through the
+/// driver's channel, and an ack without properties allocates nothing.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EventProps(Option<Box<Props>>);
+
+impl From<Props> for EventProps {
+    fn from(props: Props) -> Self {
+        if props.is_empty() {
+            EventProps(None)
+        } else {
+            EventProps(Some(Box::new(props)))
+        }
+    }
+}
+
+impl std::ops::Deref for EventProps {
+    type Target = Props;
+
+    fn deref(&self) -> &Props {
+        static NONE: Props = Props::EMPTY;
+        self.0.as_deref().unwrap_or(&NONE)
     }
 }
 
@@ -179,29 +233,29 @@ pub enum MqttEvent {
         reason: i32,
         session_present: bool,
         message: String,
-        props: Props,
+        props: EventProps,
     },
     /// `OnDisconnect(obj, reasonCode, message, props)`: once per established connection.
     Disconnected {
         reason: i32,
         message: String,
-        props: Props,
+        props: EventProps,
     },
     /// `OnPublish(obj, msgId, reasonCode, message, props)`: exactly once per accepted publish.
     Published {
         msg_id: MsgId,
         reason: i32,
         message: String,
-        props: Props,
+        props: EventProps,
     },
     /// `OnSubscribe(obj, msgId, grantedQoS, props)`.
     Subscribed {
         msg_id: MsgId,
         granted: Vec<u8>,
-        props: Props,
+        props: EventProps,
     },
     /// `OnUnsubscribe(obj, msgId, props)`.
-    Unsubscribed { msg_id: MsgId, props: Props },
+    Unsubscribed { msg_id: MsgId, props: EventProps },
     /// `OnMessage(obj, msgId, topic, payload, qos, retain, props)`.
     Message {
         msg_id: u16,
@@ -209,7 +263,7 @@ pub enum MqttEvent {
         payload: Bytes,
         qos: u8,
         retain: bool,
-        props: Props,
+        props: EventProps,
     },
     /// `OnLog(obj, level, line)`: 0 FATAL, 1 ERROR, 2 WARN, 3 INFO, 4 DEBUG, 5 TRACE.
     Log { level: u8, line: String },

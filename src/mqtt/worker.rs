@@ -10,8 +10,8 @@ use super::codes::{err, reason, reason_code_to_string};
 use super::link::{self, AttemptFailure, Link, packet_name};
 use super::outbox::{AckOutcome, Completion, ControlKind, Outbox, Outgoing};
 use super::types::{
-    ClientStatus, ConnectOptions, EventSink, MqttCommand, MqttEvent, MsgId, Props, ProtocolVersion,
-    PublishRequest,
+    ClientStatus, ConnectOptions, EventProps, EventSink, MqttCommand, MqttEvent, MsgId, Props,
+    ProtocolVersion, PublishRequest,
 };
 use super::wire::{self, Ack, Packet};
 use std::collections::{HashSet, VecDeque};
@@ -186,7 +186,7 @@ impl Worker {
             msg_id: c.msg_id,
             reason: c.reason,
             message: c.message,
-            props: c.props,
+            props: c.props.into(),
         });
     }
 
@@ -230,7 +230,7 @@ impl Worker {
                         reason: reason::UNSPECIFIED_ERROR,
                         session_present: false,
                         message: "Reconnect: there are no settings from an earlier Connect".into(),
-                        props: Props::default(),
+                        props: EventProps::default(),
                     });
                     return;
                 }
@@ -416,7 +416,7 @@ impl Worker {
                     reason: 0,
                     session_present,
                     message: reason_code_to_string(0).into(),
-                    props,
+                    props: props.into(),
                 });
                 for given_up in self.outbox.on_connected(receive_maximum, session_present) {
                     self.published(given_up);
@@ -434,7 +434,7 @@ impl Worker {
                     reason,
                     session_present: false,
                     message,
-                    props,
+                    props: props.into(),
                 });
                 // With auto-reconnect on, a failed first attempt is retried too: a driver
                 // that starts before its broker should not have to notice.
@@ -490,7 +490,7 @@ impl Worker {
         self.emit(MqttEvent::Disconnected {
             reason,
             message,
-            props,
+            props: props.into(),
         });
     }
 
@@ -584,7 +584,7 @@ impl Worker {
             msg_id,
             reason: 0,
             message: reason_code_to_string(0).into(),
-            props: Props::default(),
+            props: EventProps::default(),
         });
     }
 
@@ -779,7 +779,7 @@ impl Worker {
                 Some(msg_id) => self.emit(MqttEvent::Subscribed {
                     msg_id,
                     granted: ack.reasons,
-                    props: ack.props,
+                    props: ack.props.into(),
                 }),
                 None => self.log(
                     LOG_DEBUG,
@@ -789,7 +789,7 @@ impl Worker {
             Packet::UnsubAck(ack) => match self.outbox.on_unsuback(ack.pkid) {
                 Some(msg_id) => self.emit(MqttEvent::Unsubscribed {
                     msg_id,
-                    props: ack.props,
+                    props: ack.props.into(),
                 }),
                 None => self.log(
                     LOG_DEBUG,
@@ -880,7 +880,7 @@ impl Worker {
                 payload: publish.payload,
                 qos: publish.qos,
                 retain: publish.retain,
-                props: publish.props,
+                props: publish.props.into(),
             });
         }
     }
