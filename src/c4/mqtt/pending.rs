@@ -1,0 +1,62 @@
+//! Publishes held until the Lua code that made them returns to the driver loop.
+//!
+//! Handing a message to its worker can wake the worker's thread, and on a busy machine the
+//! woken thread preempts the driver's; inside `Publish` that cost tens of microseconds at the
+//! 99th percentile. So `Publish` only appends here, and the loop calls [`flush`] when Lua
+//! returns (or every [`FLUSH_AT`], so a long loop still streams). Any other command flushes
+//! first, so each client's commands keep their order.
+
+use crate::mqtt::{MqttCommand, MqttHandle, PublishRequest};
+use mlua::Lua;
+
+/// Publishes held per client before they are handed over within the same callback.
+pub const FLUSH_AT: usize = 256;
+
+/// Publishes accepted since the driver's Lua code last returned to its loop, per client.
+#[derive(Default)]
+pub struct PendingPublishes {
+    batches: Vec<(MqttHandle, Vec<MqttCommand>)>,
+}
+
+/// Hands every pending publish to its worker. The driver loop calls this whenever Lua code
+/// it ran returns; a handle kept here would otherwise keep a collected client's worker alive.
+pub fn flush(lua: &Lua) {
+    let batches = match lua.app_data_mut::<PendingPublishes>() {
+        Some(mut pending) if !pending.batches.is_empty() => std::mem::take(&mut pending.batches),
+        _ => return,
+    };
+    for (handle, commands) in batches {
+        for cmd in commands {
+            // A worker that ended has had its sink closed: the driver is stopping.
+            handle.send(cmd);
+        }
+    }
+}
+
+pub(super) fn queue_publish(lua: &Lua, handle: &MqttHandle, request: PublishRequest) {
+    let cmd = MqttCommand::Publish(request);
+    let Some(mut pending) = lua.app_data_mut::<PendingPublishes>() else {
+        handle.send(cmd);
+        return;
+    };
+    let index = match pending
+        .batches
+        .iter()
+        .position(|(h, _)| h.same_client(handle))
+    {
+        Some(i) => i,
+        None => {
+            pending
+                .batches
+                .push((handle.clone(), Vec::with_capacity(16)));
+            pending.batches.len() - 1
+        }
+    };
+    let batch = &mut pending.batches[index].1;
+    batch.push(cmd);
+    if batch.len() >= FLUSH_AT {
+        for cmd in batch.drain(..) {
+            handle.send(cmd);
+        }
+    }
+}
