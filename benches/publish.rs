@@ -727,6 +727,17 @@ fn median(v: &[f64]) -> f64 {
     percentile(&sorted(v.to_vec()), 0.5)
 }
 
+/// CPU time (user + system) this process has used so far, in seconds.
+fn process_cpu_secs() -> f64 {
+    // SAFETY: getrusage only writes the struct we hand it.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
+        return f64::NAN;
+    }
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(usage.ru_utime) + secs(usage.ru_stime)
+}
+
 fn rss_bytes() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -856,8 +867,8 @@ fn throughput(opts: &Options, host: &mut Host, embedded: &EmbeddedBroker, report
     let mut delivery_rows: Vec<Json> = Vec::new();
     let mut table = String::from(
         "### Throughput: 64-byte messages, counted at `OnPublish` (luadriver) / completion (raw rumqttc)\n\n\
-         | QoS | window | N | broker | luadriver msg/s | rumqttc msg/s | ratio | target ≥ 0.9x |\n\
-         |---|---|---|---|---|---|---|---|\n",
+         | QoS | window | N | broker | luadriver msg/s | rumqttc msg/s | ratio | target ≥ 0.9x | CPU µs/msg luadriver / rumqttc |\n\
+         |---|---|---|---|---|---|---|---|---|\n",
     );
     for window in [20u16, 100] {
         let under_test = brokers(window, embedded);
@@ -865,6 +876,10 @@ fn throughput(opts: &Options, host: &mut Host, embedded: &EmbeddedBroker, report
             for b in &under_test {
                 let mut ours = Vec::new();
                 let mut raw = Vec::new();
+                // CPU microseconds per message of this process (the client under test; the
+                // embedded broker lives here too, so only Mosquitto rows report it).
+                let mut ours_cpu = Vec::new();
+                let mut raw_cpu = Vec::new();
                 for rep in 0..reps {
                     // Alternate which goes first, so drift in the machine's load hits both.
                     let order: [bool; 2] = if rep % 2 == 0 {
@@ -873,6 +888,7 @@ fn throughput(opts: &Options, host: &mut Host, embedded: &EmbeddedBroker, report
                         [false, true]
                     };
                     for lua_first in order {
+                        let cpu_before = process_cpu_secs();
                         let (who, result) = if lua_first {
                             ("luadriver", luadriver_flood(host, b.port, window, qos, n))
                         } else {
@@ -881,16 +897,19 @@ fn throughput(opts: &Options, host: &mut Host, embedded: &EmbeddedBroker, report
                         match result {
                             Ok(secs) => {
                                 let rate = n as f64 / secs;
+                                let cpu_us = (process_cpu_secs() - cpu_before) * 1e6 / n as f64;
                                 progress(&format!(
-                                    "throughput qos{qos} window {window} {} {who} #{}: {} msg/s",
+                                    "throughput qos{qos} window {window} {} {who} #{}: {} msg/s, {cpu_us:.2} µs CPU/msg",
                                     b.name,
                                     rep + 1,
                                     fmt_rate(rate)
                                 ));
                                 if lua_first {
-                                    ours.push(rate)
+                                    ours.push(rate);
+                                    ours_cpu.push(cpu_us);
                                 } else {
-                                    raw.push(rate)
+                                    raw.push(rate);
+                                    raw_cpu.push(cpu_us);
                                 }
                             }
                             Err(e) => progress(&format!(
@@ -908,9 +927,14 @@ fn throughput(opts: &Options, host: &mut Host, embedded: &EmbeddedBroker, report
                 } else {
                     verdict(met)
                 };
+                let cpu = if b.name == "mosquitto" {
+                    format!("{:.2} / {:.2}", median(&ours_cpu), median(&raw_cpu))
+                } else {
+                    "—".to_string()
+                };
                 let _ = writeln!(
                     table,
-                    "| {qos} | {window} | {} | {} | {} | {} | {} | {v} |",
+                    "| {qos} | {window} | {} | {} | {} | {} | {} | {v} | {cpu} |",
                     fmt_rate(n as f64),
                     b.name,
                     fmt_rate(o),
@@ -921,6 +945,7 @@ fn throughput(opts: &Options, host: &mut Host, embedded: &EmbeddedBroker, report
                     "qos": qos, "window": window, "n": n, "broker": b.name,
                     "luadriver_msgs_per_s": ours, "rumqttc_msgs_per_s": raw,
                     "luadriver_median": o, "rumqttc_median": r, "ratio": ratio,
+                    "luadriver_cpu_us_per_msg": ours_cpu, "rumqttc_cpu_us_per_msg": raw_cpu,
                 }));
             }
         }
