@@ -552,6 +552,13 @@ fn message_retries_give_up_with_a_failure_reason() {
     proxy.blackhole(true);
     s.lua(r#"say("pub", clients.c:Publish("r/x", "once", 1))"#);
     assert_eq!(s.wait("pub"), "pub 0 1");
+    // Publishes go to the worker when the callback returns: wait until it is on the wire
+    // (in flight) before cutting, or the cut would come before its first send.
+    let written = common::wait_until(std::time::Duration::from_secs(10), || {
+        s.lua(r#"say("inflight", clients.c:GetStats().inflight)"#);
+        s.wait("inflight") == "inflight 1"
+    });
+    assert!(written, "the PUBLISH never went out");
     proxy.cut();
     proxy.blackhole(false);
     s.wait("c disconnect 7");
