@@ -50,6 +50,8 @@ pub struct Worker {
     deferred: VecDeque<MqttCommand>,
     sink: EventSink,
     status: Arc<ClientStatus>,
+    /// Events of the current step, delivered when it ends (see `emit`).
+    events_out: Vec<MqttEvent>,
     /// Publish commands taken from `commands`, published as `ClientStatus::taken`.
     publishes_taken: u64,
     /// The last `Connect` settings, for `Reconnect` and auto-reconnect.
@@ -85,6 +87,7 @@ impl Worker {
             incoming_qos2: HashSet::new(),
             auto_reconnect: None,
             publishes_taken: 0,
+            events_out: Vec::new(),
             retry_at: None,
             retry_attempt: 0,
             closed: false,
@@ -134,6 +137,7 @@ impl Worker {
             self.flush().await;
         }
         self.update_gauges();
+        self.deliver_events();
     }
 
     async fn wait(&mut self) -> Wake {
@@ -159,10 +163,22 @@ impl Worker {
 
     // ---- events ----
 
+    /// Queues an event for the driver. Events leave at the end of the step, after the
+    /// socket was written: waking the driver's thread costs a system call and may hand it
+    /// this core, which must not delay the next PUBLISH.
     fn emit(&mut self, event: MqttEvent) {
-        if !self.deaf && !(self.sink)(event) {
-            log::debug!(target: "luadriver::mqtt", "event sink closed; stopping");
-            self.deaf = true;
+        if !self.deaf {
+            self.events_out.push(event);
+        }
+    }
+
+    /// Hands the queued events to the driver, in order.
+    fn deliver_events(&mut self) {
+        for event in self.events_out.drain(..) {
+            if !self.deaf && !(self.sink)(event) {
+                log::debug!(target: "luadriver::mqtt", "event sink closed; stopping");
+                self.deaf = true;
+            }
         }
     }
 
