@@ -282,17 +282,11 @@ pub(super) fn connect(c: &mut LuaMqttClient, _: &Lua, args: &Args) -> Result<(),
 pub(super) fn disconnect(c: &mut LuaMqttClient, _: &Lua, args: &Args) -> Result<(), ApiError> {
     const M: &str = "Disconnect";
     let props = props::from_lua(M, arg(args, 0), PacketKind::Disconnect, c.is_v5())?;
-    let was_connected = c.handle.status.is_connected();
+    let connected = c.require_connected(M);
     // Sent even when not connected: it stops a pending attempt or automatic reconnection.
     c.send(MqttCommand::Disconnect { props })?;
     c.settings.session_active = false;
-    if !was_connected {
-        return Err(ApiError::new(
-            err::NO_CONN,
-            format!("{M}: {}", codes::error_code_to_string(err::NO_CONN)),
-        ));
-    }
-    Ok(())
+    connected
 }
 
 pub(super) fn reconnect(c: &mut LuaMqttClient, _: &Lua, _: &Args) -> Result<(), ApiError> {
@@ -362,12 +356,7 @@ pub(super) fn subscribe(c: &mut LuaMqttClient, _: &Lua, args: &Args) -> Result<M
     let filter = topic::topic_filter(M, arg(args, 0))?;
     let qos = qos_arg(M, arg(args, 1))?;
     let props = props::from_lua(M, arg(args, 2), PacketKind::Subscribe, c.is_v5())?;
-    if !c.handle.status.is_connected() {
-        return Err(ApiError::new(
-            err::NO_CONN,
-            format!("{M}: {}", codes::error_code_to_string(err::NO_CONN)),
-        ));
-    }
+    c.require_connected(M)?;
     let msg_id = c.next_msg_id();
     c.send(MqttCommand::Subscribe {
         msg_id,
@@ -382,12 +371,7 @@ pub(super) fn unsubscribe(c: &mut LuaMqttClient, _: &Lua, args: &Args) -> Result
     const M: &str = "Unsubscribe";
     let filter = topic::topic_filter(M, arg(args, 0))?;
     let props = props::from_lua(M, arg(args, 1), PacketKind::Unsubscribe, c.is_v5())?;
-    if !c.handle.status.is_connected() {
-        return Err(ApiError::new(
-            err::NO_CONN,
-            format!("{M}: {}", codes::error_code_to_string(err::NO_CONN)),
-        ));
-    }
+    c.require_connected(M)?;
     let msg_id = c.next_msg_id();
     c.send(MqttCommand::Unsubscribe {
         msg_id,

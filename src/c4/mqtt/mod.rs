@@ -117,6 +117,17 @@ impl LuaMqttClient {
         }
     }
 
+    /// Code 4 unless connected.
+    fn require_connected(&self, method: &str) -> Result<(), ApiError> {
+        if self.handle.status.is_connected() {
+            return Ok(());
+        }
+        Err(ApiError::new(
+            err::NO_CONN,
+            format!("{method}: {}", codes::error_code_to_string(err::NO_CONN)),
+        ))
+    }
+
     fn before_connect(&self, method: &str) -> Result<(), ApiError> {
         if self.settings.session_active {
             return Err(ApiError::inval(format!(
