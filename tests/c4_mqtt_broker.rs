@@ -4,22 +4,17 @@
 //! Reconnect, the will, broker limits (codes 24 and 25), and the guarantee across broker
 //! restarts.
 //!
-//! Each test's driver loads `HARNESS`: every callback reports through `C4:FireEvent`, and
+//! Each test's driver loads `SAY` and `HARNESS`: every callback reports through `C4:FireEvent`, and
 //! the test runs Lua snippets in the driver with `ExecuteCommand("LUA", {code = ...})`.
 
 mod common;
 
-use common::drivers::TestDriver;
+use common::drivers::{SAY, TestDriver};
 use common::mosquitto::{Mosquitto, MosquittoConfig};
 use luadriver::driver::DriverEvent;
 use std::collections::HashMap;
 
 const HARNESS: &str = r#"
-function say(...)
-  local parts = {}
-  for i = 1, select('#', ...) do parts[#parts + 1] = tostring((select(i, ...))) end
-  C4:FireEvent(table.concat(parts, " "))
-end
 PORT = tonumber(Properties["port"])
 clients = {}
 -- A client named `name` whose callbacks all report, prefixed with its name.
@@ -57,7 +52,7 @@ struct Session {
 
 impl Session {
     fn start(broker_port: u16, setup: &str) -> Session {
-        let source = format!("{HARNESS}\n{setup}");
+        let source = format!("{SAY}\n{HARNESS}\n{setup}");
         let driver = TestDriver::start_with(&source, &[], &[("port", &broker_port.to_string())]);
         Session { driver }
     }

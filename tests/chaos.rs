@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::drivers::TestDriver;
+use common::drivers::{SAY, TestDriver};
 use common::mosquitto::{Mosquitto, MosquittoConfig};
 use common::proxy::FaultProxy;
 use luadriver::driver::DriverEvent;
@@ -19,11 +19,6 @@ const QOS2: usize = 5_000;
 /// still pending at each disconnect, and at the end reports
 /// `report accepted once twice missing failed`.
 const PUBLISHER: &str = r#"
-local function say(...)
-  local parts = {}
-  for i = 1, select('#', ...) do parts[#parts + 1] = tostring((select(i, ...))) end
-  C4:FireEvent(table.concat(parts, " "))
-end
 local counts, accepted, done, failed = {}, 0, 0, 0
 local c = C4:MQTT("chaos-pub-" .. Properties["port"])
 c:SetAutoReconnect(20, 300)
@@ -63,11 +58,6 @@ c:Connect("127.0.0.1", tonumber(Properties["port"]), 5)
 
 /// A QoS 1 subscriber with a persistent session, counting distinct payloads.
 const SUBSCRIBER: &str = r#"
-local function say(...)
-  local parts = {}
-  for i = 1, select('#', ...) do parts[#parts + 1] = tostring((select(i, ...))) end
-  C4:FireEvent(table.concat(parts, " "))
-end
 local seen, distinct = {}, 0
 local s = C4:MQTT("chaos-sub-" .. Properties["port"], false)
 s:SetAutoReconnect(20, 300)
@@ -165,7 +155,7 @@ fn exactly_one_on_publish_each_while_the_broker_is_killed_three_times() {
     };
     let rss_before = rss_kib();
     let port = broker.port.to_string();
-    let publisher = TestDriver::start_with(PUBLISHER, &[], &[("port", &port)]);
+    let publisher = TestDriver::start_with(&format!("{SAY}\n{PUBLISHER}"), &[], &[("port", &port)]);
     assert_eq!(wait(&publisher, "connect"), "connect 0");
     for batch in 1..=3 {
         publish_batch(&publisher, batch);
@@ -185,9 +175,17 @@ fn exactly_one_on_publish_each_while_the_broker_is_killed_three_times() {
 fn exactly_one_on_publish_each_and_every_ack_delivered_through_cuts_resets_and_a_black_hole() {
     let Some(broker) = chaos_broker() else { return };
     let proxy = FaultProxy::start(broker.port);
-    let subscriber = TestDriver::start_with(SUBSCRIBER, &[], &[("port", &broker.port.to_string())]);
+    let subscriber = TestDriver::start_with(
+        &format!("{SAY}\n{SUBSCRIBER}"),
+        &[],
+        &[("port", &broker.port.to_string())],
+    );
     wait(&subscriber, "subscribed");
-    let publisher = TestDriver::start_with(PUBLISHER, &[], &[("port", &proxy.port.to_string())]);
+    let publisher = TestDriver::start_with(
+        &format!("{SAY}\n{PUBLISHER}"),
+        &[],
+        &[("port", &proxy.port.to_string())],
+    );
     assert_eq!(wait(&publisher, "connect"), "connect 0");
 
     publish_batch(&publisher, 1);
@@ -248,12 +246,7 @@ fn a_black_holed_link_is_noticed_within_two_keepalives_and_in_flight_messages_su
     let Some(broker) = chaos_broker() else { return };
     let proxy = FaultProxy::start(broker.port);
     let source = r#"
-        local function say(...)
-          local parts = {}
-          for i = 1, select('#', ...) do parts[#parts + 1] = tostring((select(i, ...))) end
-          C4:FireEvent(table.concat(parts, " "))
-        end
-        local c = C4:MQTT("keepalive-" .. Properties["port"])
+                local c = C4:MQTT("keepalive-" .. Properties["port"])
         c:OnConnect(function(_, rc) say("connect", rc) end)
         c:OnDisconnect(function(_, rc, msg) say("disconnect", rc, msg) end)
         c:OnPublish(function(_, id, rc) say("published", id, rc) end)
@@ -267,7 +260,11 @@ fn a_black_holed_link_is_noticed_within_two_keepalives_and_in_flight_messages_su
         end
         c:Connect("127.0.0.1", tonumber(Properties["port"]), 5)
     "#;
-    let d = TestDriver::start_with(source, &[], &[("port", &proxy.port.to_string())]);
+    let d = TestDriver::start_with(
+        &format!("{SAY}\n{source}"),
+        &[],
+        &[("port", &proxy.port.to_string())],
+    );
     assert_eq!(wait(&d, "connect"), "connect 0");
     proxy.blackhole(true);
     command(&d, "PUBLISH", &[]);

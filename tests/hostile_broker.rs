@@ -195,11 +195,6 @@ fn send_then_listen(bytes: Vec<u8>) -> impl FnOnce(TcpStream, bool) + Send + 'st
 // ---- the driver side ----
 
 const HARNESS: &str = r#"
-function say(...)
-  local parts = {}
-  for i = 1, select('#', ...) do parts[#parts + 1] = tostring((select(i, ...))) end
-  C4:FireEvent(table.concat(parts, " "))
-end
 PORT = tonumber(Properties["port"])
 c = C4:MQTT("hostile-" .. tostring(PORT))
 if Properties["version"] ~= "" then c:ForceMqttVersion(tonumber(Properties["version"])) end
@@ -222,7 +217,7 @@ struct Session {
 impl Session {
     fn start(port: u16, version: &str) -> Session {
         let driver = TestDriver::start_with(
-            HARNESS,
+            &format!("{}\n{HARNESS}", common::drivers::SAY),
             &[],
             &[("port", &port.to_string()), ("version", version)],
         );

@@ -12,9 +12,9 @@ use std::time::{Duration, Instant};
 pub const WAIT: Duration = Duration::from_secs(10);
 
 /// Lua for test drivers: `say(...)` fires one event holding the arguments' `tostring`,
-/// space-separated.
+/// space-separated. Global, so snippets run with `loadstring` can call it too.
 pub const SAY: &str = r#"
-local function say(...)
+function say(...)
   local parts = {}
   for i = 1, select('#', ...) do parts[#parts + 1] = tostring((select(i, ...))) end
   C4:FireEvent(table.concat(parts, " "))
