@@ -14,7 +14,9 @@
 
 use crossbeam_channel::{Receiver, Sender};
 use luadriver::broker::EmbeddedBroker;
-use luadriver::driver::{self, DriverEvent, DriverHandle, DriverLoop, DriverNotice, DriverSpec};
+use luadriver::driver::{
+    self, DriverEvent, DriverHandle, DriverLoop, DriverNotice, DriverSpec, EventSender,
+};
 use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
 use serde_json::{Value as Json, json};
 use std::fmt::Write as _;
@@ -316,7 +318,7 @@ struct Host {
 /// handed over.
 struct BenchDriver {
     id: u32,
-    events: Sender<DriverEvent>,
+    events: EventSender,
     notices: Receiver<DriverNotice>,
     samples: Arc<Mutex<Vec<f64>>>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -325,7 +327,7 @@ struct BenchDriver {
 
 impl Host {
     fn new() -> Host {
-        // As the CLI does: a multi-thread runtime with a worker per core for the MQTT tasks.
+        // For the slow-broker proxy; drivers run their MQTT on their own threads.
         let rt = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .thread_name("mqtt")
@@ -369,9 +371,9 @@ impl Host {
         let spec = self.spec(port, window);
         let id = spec.id;
         // Events go through the handle and notices to `notices`, which the caller reads.
-        let (events, _) = crossbeam_channel::unbounded::<DriverEvent>();
+        let (events, _) = driver::event_channel();
         let (_, unused_notices) = crossbeam_channel::unbounded::<DriverNotice>();
-        let handle = driver::spawn(spec, self.rt.handle().clone(), notices).expect("spawn");
+        let handle = driver::spawn(spec, notices).expect("spawn");
         handle.send(DriverEvent::LateInit);
         BenchDriver {
             id,
@@ -386,19 +388,22 @@ impl Host {
     /// A driver on its own thread with `bench_now()` (monotonic ns, as a number) and
     /// `bench_put(samples)` installed before its loop runs: `C4:GetTime("ns")` is epoch
     /// nanoseconds in a double, too coarse for sub-microsecond calls.
-    fn spawn_clocked(&mut self, port: u16, window: u16) -> BenchDriver {
+    /// With `cpu`, the driver's thread runs on that CPU only.
+    fn spawn_clocked(&mut self, port: u16, window: u16, cpu: Option<usize>) -> BenchDriver {
         let spec = self.spec(port, window);
         let id = spec.id;
-        let (events, events_rx) = crossbeam_channel::unbounded();
+        let (events, events_rx) = driver::event_channel();
         let (notices_tx, notices) = crossbeam_channel::unbounded();
         let samples: Arc<Mutex<Vec<f64>>> = Arc::default();
         let sink = Arc::clone(&samples);
         let loop_tx = events.clone();
-        let rt = self.rt.handle().clone();
         let thread = std::thread::Builder::new()
             .name(format!("driver-bench-{id}"))
             .spawn(move || {
-                match DriverLoop::load(spec, loop_tx, events_rx, rt, Some(notices_tx.clone())) {
+                if let Some(cpu) = cpu {
+                    set_affinity(0, &[cpu]);
+                }
+                match DriverLoop::load(spec, loop_tx, events_rx, Some(notices_tx.clone())) {
                     Ok(driver) => {
                         if let Err(e) = install_clock(driver.lua(), sink) {
                             let _ = notices_tx.send(DriverNotice::Failed {
@@ -597,38 +602,60 @@ async fn wait_connack(eventloop: &mut rumqttc::EventLoop) -> Result<(), String> 
     }
 }
 
-/// QoS 1, window 1: publish, poll until its PUBACK, `n` times. Nanoseconds per round trip.
-fn rumqttc_rtt(port: u16, n: usize) -> Result<Vec<f64>, String> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
-    rt.block_on(async move {
+/// Raw rumqttc for the round trip: QoS 1, window 1, one connection kept across rounds.
+struct RawRoundTrip {
+    rt: tokio::runtime::Runtime,
+    client: AsyncClient,
+    eventloop: rumqttc::EventLoop,
+}
+
+impl RawRoundTrip {
+    fn connect(port: u16) -> Result<RawRoundTrip, String> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
         let (client, mut eventloop) = AsyncClient::new(rumqttc_options(port, 1, "rtt"), 16);
         let mut net = eventloop.network_options();
         net.set_tcp_nodelay(true);
         eventloop.set_network_options(net);
-        wait_connack(&mut eventloop).await?;
-        let payload = vec![b'x'; PAYLOAD_LEN];
-        let mut samples = Vec::with_capacity(n);
-        for _ in 0..n {
-            let t0 = Instant::now();
-            client
-                .try_publish(TOPIC, QoS::AtLeastOnce, false, payload.clone())
-                .map_err(|e| format!("rumqttc: {e}"))?;
-            loop {
-                let ev = tokio::time::timeout(Duration::from_secs(10), eventloop.poll())
-                    .await
-                    .map_err(|_| "rumqttc: no PUBACK in 10 s".to_string())?
+        rt.block_on(wait_connack(&mut eventloop))?;
+        Ok(RawRoundTrip {
+            rt,
+            client,
+            eventloop,
+        })
+    }
+
+    /// Publish, poll until its PUBACK, `n` times. Nanoseconds per round trip.
+    fn run(&mut self, n: usize) -> Result<Vec<f64>, String> {
+        let RawRoundTrip {
+            rt,
+            client,
+            eventloop,
+        } = self;
+        rt.block_on(async move {
+            let payload = vec![b'x'; PAYLOAD_LEN];
+            let mut samples = Vec::with_capacity(n);
+            for _ in 0..n {
+                let t0 = Instant::now();
+                client
+                    .try_publish(TOPIC, QoS::AtLeastOnce, false, payload.clone())
                     .map_err(|e| format!("rumqttc: {e}"))?;
-                if let Event::Incoming(Packet::PubAck(_)) = ev {
-                    break;
+                loop {
+                    let ev = tokio::time::timeout(Duration::from_secs(10), eventloop.poll())
+                        .await
+                        .map_err(|_| "rumqttc: no PUBACK in 10 s".to_string())?
+                        .map_err(|e| format!("rumqttc: {e}"))?;
+                    if let Event::Incoming(Packet::PubAck(_)) = ev {
+                        break;
+                    }
                 }
+                samples.push(t0.elapsed().as_nanos() as f64);
             }
-            samples.push(t0.elapsed().as_nanos() as f64);
-        }
-        Ok(samples)
-    })
+            Ok(samples)
+        })
+    }
 }
 
 /// A subscriber on its own thread counting messages on [`TOPIC`]; ready once subscribed.
@@ -1008,7 +1035,7 @@ fn call_cost(opts: &Options, host: &mut Host, report: &mut Report) {
         ("unreachable (queued)", unreachable, 1),
     ];
     for (name, port, qos) in cases {
-        let d = host.spawn_clocked(port, 20);
+        let d = host.spawn_clocked(port, 20, None);
         let expect = if port == unreachable {
             "connect-failed"
         } else {
@@ -1079,6 +1106,91 @@ fn call_cost(opts: &Options, host: &mut Host, report: &mut Report) {
 
 // ---------------------------------------------------------------- round trip
 
+/// The round trips are measured in this many alternating rounds per client.
+const RTT_ROUNDS: usize = 10;
+
+/// Where the round trip runs. A round trip is two wake-ups (broker, then client), and on
+/// this kind of VM a wake-up on an idle CPU costs tens of microseconds more than one on a
+/// busy one: left to the scheduler, the same client measured 22 or 88 µs p50 from one
+/// round to the next depending on where the threads happened to land. So both clients
+/// run on CPU 0 and the broker on CPU 1, and each client meets the same case.
+struct Pinning {
+    /// Threads and processes to give back every CPU at the end.
+    pinned: Vec<i32>,
+    client_cpu: Option<usize>,
+}
+
+impl Pinning {
+    fn for_round_trip(b: &BrokerUnderTest) -> Pinning {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        if cpus < 2 {
+            return Pinning {
+                pinned: Vec::new(),
+                client_cpu: None,
+            };
+        }
+        let mut broker = match &b._mosquitto {
+            Some(m) => vec![m.child.id() as i32],
+            // The embedded broker's threads, by name.
+            None => threads_named(&["embedded-broke", "router-"]),
+        };
+        broker.retain(|&tid| set_affinity(tid, &[1]));
+        // This thread runs the raw rumqttc client.
+        set_affinity(0, &[0]);
+        broker.push(0);
+        Pinning {
+            pinned: broker,
+            client_cpu: Some(0),
+        }
+    }
+
+    fn client_cpu(&self) -> Option<usize> {
+        self.client_cpu
+    }
+}
+
+impl Drop for Pinning {
+    fn drop(&mut self) {
+        let all: Vec<usize> =
+            (0..std::thread::available_parallelism().map_or(1, |n| n.get())).collect();
+        for &tid in &self.pinned {
+            set_affinity(tid, &all);
+        }
+    }
+}
+
+/// Runs thread or process `tid` (0: the calling thread) on `cpus` only. False if refused.
+fn set_affinity(tid: i32, cpus: &[usize]) -> bool {
+    // SAFETY: `set` is a plain bit set, initialised by CPU_ZERO before use, and its size is
+    // passed along with it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_ZERO(&mut set);
+        for &cpu in cpus {
+            libc::CPU_SET(cpu, &mut set);
+        }
+        libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set) == 0
+    }
+}
+
+/// This process's threads whose names start with one of `prefixes`.
+fn threads_named(prefixes: &[&str]) -> Vec<i32> {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return Vec::new();
+    };
+    tasks
+        .filter_map(|t| t.ok())
+        .filter_map(|t| {
+            let tid = t.file_name().to_str()?.parse::<i32>().ok()?;
+            let name = std::fs::read_to_string(t.path().join("comm")).ok()?;
+            prefixes
+                .iter()
+                .any(|p| name.starts_with(p))
+                .then_some(tid)
+        })
+        .collect()
+}
+
 fn round_trip(opts: &Options, host: &mut Host, embedded: &EmbeddedBroker, report: &mut Report) {
     let n = opts.size(10_000, 2_000);
     let mut table = String::from(
@@ -1088,23 +1200,41 @@ fn round_trip(opts: &Options, host: &mut Host, embedded: &EmbeddedBroker, report
     );
     let mut rows = Vec::new();
     for b in brokers(1, embedded) {
-        let d = host.spawn_clocked(b.port, 1);
-        let ours = d
+        let pinning = Pinning::for_round_trip(&b);
+        let d = host.spawn_clocked(b.port, 1, pinning.client_cpu());
+        let measured = d
             .wait_event("connected", Duration::from_secs(10))
             .and_then(|_| {
-                // Warm up connection and JIT, then measure.
+                let mut raw = RawRoundTrip::connect(b.port)?;
+                // Warm up both connections and the JIT.
                 d.command("rtt", &[("n", "500".into())]);
                 d.wait_event("done", Duration::from_secs(60))?;
                 d.take_samples();
-                d.command("rtt", &[("n", n.to_string())]);
-                d.wait_event("done", Duration::from_secs(120))?;
-                Ok(sorted(d.take_samples()))
+                raw.run(500)?;
+                // Then alternate, so a noisy spell on the shared machine lands on both.
+                let per_round = n.div_ceil(RTT_ROUNDS);
+                let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+                for round in 0..RTT_ROUNDS {
+                    let luadriver_round = |ours: &mut Vec<f64>| -> Result<(), String> {
+                        d.command("rtt", &[("n", per_round.to_string())]);
+                        d.wait_event("done", Duration::from_secs(120))?;
+                        ours.extend(d.take_samples());
+                        Ok(())
+                    };
+                    if round % 2 == 0 {
+                        luadriver_round(&mut ours)?;
+                        theirs.extend(raw.run(per_round)?);
+                    } else {
+                        theirs.extend(raw.run(per_round)?);
+                        luadriver_round(&mut ours)?;
+                    }
+                }
+                Ok((sorted(ours), sorted(theirs)))
             });
         d.stop();
-        let raw = rumqttc_rtt(b.port, n + 500).map(|s| sorted(s[500..].to_vec()));
-        let (ours, raw) = match (ours, raw) {
-            (Ok(o), Ok(r)) => (o, r),
-            (Err(e), _) | (_, Err(e)) => {
+        let (ours, raw) = match measured {
+            Ok(both) => both,
+            Err(e) => {
                 progress(&format!("round trip {}: FAILED: {e}", b.name));
                 continue;
             }
@@ -1130,7 +1260,7 @@ fn round_trip(opts: &Options, host: &mut Host, embedded: &EmbeddedBroker, report
             table,
             "| {} | {} | {} | {} | {} | {} | {} | {v} |",
             b.name,
-            fmt_rate(n as f64),
+            fmt_rate(ours.len() as f64),
             fmt_us(o50),
             fmt_us(o99),
             fmt_us(r50),
@@ -1153,6 +1283,8 @@ struct ScaleResult {
     rss_per_driver: f64,
     start_secs: f64,
     msgs_per_s: f64,
+    /// Raw rumqttc with as many clients, in the same run.
+    rumqttc_msgs_per_s: f64,
 }
 
 fn scale_run(
@@ -1196,6 +1328,62 @@ fn scale_run(
         rss_per_driver,
         start_secs,
         msgs_per_s: (count * per_driver) as f64 / secs,
+        rumqttc_msgs_per_s: f64::NAN,
+    })
+}
+
+/// Raw rumqttc at the same scale: `count` clients on one current-thread runtime, each
+/// publishing `per_client` QoS 1 messages with window 20; aggregate messages per second
+/// from the first publish to the last PUBACK.
+fn rumqttc_scale(port: u16, count: usize, per_client: usize) -> Result<f64, String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt.block_on(async move {
+        let mut clients = Vec::with_capacity(count);
+        for i in 0..count {
+            let (client, mut eventloop) =
+                AsyncClient::new(rumqttc_options(port, 20, &format!("scale{i}")), RUMQTTC_CAP);
+            let mut net = eventloop.network_options();
+            net.set_tcp_nodelay(true);
+            eventloop.set_network_options(net);
+            wait_connack(&mut eventloop).await?;
+            clients.push((client, eventloop));
+        }
+        let start = Instant::now();
+        let mut tasks = tokio::task::JoinSet::new();
+        for (client, mut eventloop) in clients {
+            tasks.spawn(async move {
+                let payload = vec![b'x'; PAYLOAD_LEN];
+                let publisher = tokio::spawn(async move {
+                    for _ in 0..per_client {
+                        let publish = client.publish(TOPIC, QoS::AtLeastOnce, false, payload.clone());
+                        if publish.await.is_err() {
+                            return;
+                        }
+                    }
+                });
+                let mut acked = 0;
+                while acked < per_client {
+                    match eventloop.poll().await {
+                        Ok(Event::Incoming(Packet::PubAck(_))) => acked += 1,
+                        Ok(_) => {}
+                        Err(e) => return Err(format!("rumqttc: {e}")),
+                    }
+                }
+                let _ = publisher.await;
+                Ok(())
+            });
+        }
+        let limit = tokio::time::Instant::now() + Duration::from_secs(300);
+        while let Some(done) = tokio::time::timeout_at(limit, tasks.join_next())
+            .await
+            .map_err(|_| "rumqttc scale: not done after 300 s".to_string())?
+        {
+            done.map_err(|e| e.to_string())??;
+        }
+        Ok((count * per_client) as f64 / start.elapsed().as_secs_f64())
     })
 }
 
@@ -1228,6 +1416,7 @@ fn scale_in_child(port: u16, count: usize, per_driver: usize) -> Result<ScaleRes
             rss_per_driver: rss,
             start_secs: start,
             msgs_per_s: rate,
+            rumqttc_msgs_per_s: f64::NAN,
         }),
         _ => Err(format!("unreadable scale result: {line}")),
     }
@@ -1248,12 +1437,19 @@ fn scale(opts: &Options, report: &mut Report) {
     for &count in counts {
         let per_driver = (total / count).max(100);
         match scale_in_child(mosquitto.port, count, per_driver) {
-            Ok(r) => {
+            Ok(mut r) => {
+                r.rumqttc_msgs_per_s =
+                    rumqttc_scale(mosquitto.port, count, per_driver).unwrap_or_else(|e| {
+                        progress(&format!("scale {count} rumqttc: FAILED: {e}"));
+                        f64::NAN
+                    });
                 progress(&format!(
-                    "scale {count} drivers: {:.0} KiB RSS each, started in {:.2} s, {} msg/s",
+                    "scale {count} drivers: {:.0} KiB RSS each, started in {:.2} s, {} msg/s \
+                     (raw rumqttc {} msg/s)",
                     r.rss_per_driver / 1024.0,
                     r.start_secs,
-                    fmt_rate(r.msgs_per_s)
+                    fmt_rate(r.msgs_per_s),
+                    fmt_rate(r.rumqttc_msgs_per_s)
                 ));
                 results.push(r);
             }
@@ -1263,29 +1459,34 @@ fn scale(opts: &Options, report: &mut Report) {
     let at10 = results
         .iter()
         .find(|r| r.drivers == 10)
-        .map(|r| r.msgs_per_s)
-        .unwrap_or(f64::NAN);
+        .map(|r| (r.msgs_per_s, r.rumqttc_msgs_per_s))
+        .unwrap_or((f64::NAN, f64::NAN));
     let mut table = String::from(
         "### Scale: drivers in one process, each with its own Lua VM and MQTT connection, QoS 1 window 20\n\n\
-         | drivers | RSS per driver | RSS total (drivers) | time to start all | aggregate msg/s | vs 10 drivers |\n\
-         |---|---|---|---|---|---|\n",
+         | drivers | RSS per driver | RSS total (drivers) | time to start all | aggregate msg/s | vs 10 drivers | raw rumqttc msg/s (as many clients) | rumqttc vs 10 | luadriver / rumqttc |\n\
+         |---|---|---|---|---|---|---|---|---|\n",
     );
     let mut rows = Vec::new();
     for r in &results {
-        let ratio = r.msgs_per_s / at10;
+        let ratio = r.msgs_per_s / at10.0;
+        let raw_ratio = r.rumqttc_msgs_per_s / at10.1;
         let _ = writeln!(
             table,
-            "| {} | {:.0} KiB | {:.1} MiB | {:.2} s | {} | {} |",
+            "| {} | {:.0} KiB | {:.1} MiB | {:.2} s | {} | {} | {} | {} | {} |",
             fmt_rate(r.drivers as f64),
             r.rss_per_driver / 1024.0,
             r.rss_per_driver * r.drivers as f64 / (1024.0 * 1024.0),
             r.start_secs,
             fmt_rate(r.msgs_per_s),
-            fmt_ratio(ratio)
+            fmt_ratio(ratio),
+            fmt_rate(r.rumqttc_msgs_per_s),
+            fmt_ratio(raw_ratio),
+            fmt_ratio(r.msgs_per_s / r.rumqttc_msgs_per_s)
         );
         rows.push(json!({
             "drivers": r.drivers, "rss_per_driver_bytes": r.rss_per_driver,
             "start_secs": r.start_secs, "msgs_per_s": r.msgs_per_s, "ratio_vs_10": ratio,
+            "rumqttc_msgs_per_s": r.rumqttc_msgs_per_s, "rumqttc_ratio_vs_10": raw_ratio,
         }));
         if r.drivers == 1000 {
             let rss = r.rss_per_driver * 1000.0;

@@ -119,17 +119,6 @@ fn run(args: RunArgs) -> ExitCode {
         }
     };
     init_logging(std::slice::from_ref(&package.name));
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("mqtt")
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("luadriver: cannot start the I/O runtime: {e}");
-            return ExitCode::from(1);
-        }
-    };
     // Kept alive until the driver has stopped.
     let _broker = match args.embedded_broker {
         Some(port) => {
@@ -162,7 +151,7 @@ fn run(args: RunArgs) -> ExitCode {
         init_type: InitType::Adding,
         persist_path: args.persist,
     };
-    let handle = match driver::spawn(spec, runtime.handle().clone(), notices_tx) {
+    let handle = match driver::spawn(spec, notices_tx) {
         Ok(h) => h,
         Err(e) => {
             eprintln!("luadriver: cannot start a thread for the driver: {e}");
@@ -231,6 +220,5 @@ fn run(args: RunArgs) -> ExitCode {
     }
     log::info!("stopping {name}");
     handle.stop("SHUTDOWN");
-    runtime.shutdown_timeout(Duration::from_secs(2));
     ExitCode::SUCCESS
 }

@@ -421,7 +421,6 @@ fn persisted_values_survive_a_restart_when_backed_by_a_file() {
     for expected_before in ["nil", "1"] {
         let package = luadriver::package::load(&dir.path().join("driver.lua")).unwrap();
         let (tx, notices) = crossbeam_channel::unbounded();
-        let rt = tokio::runtime::Runtime::new().unwrap();
         let spec = DriverSpec {
             id: 7,
             package,
@@ -429,7 +428,7 @@ fn persisted_values_survive_a_restart_when_backed_by_a_file() {
             init_type: InitType::Startup,
             persist_path: Some(store.clone()),
         };
-        let handle = luadriver::driver::spawn(spec, rt.handle().clone(), tx).unwrap();
+        let handle = luadriver::driver::spawn(spec, tx).unwrap();
         handle.send(DriverEvent::LateInit);
         let mut said = Vec::new();
         while said.len() < 3 {

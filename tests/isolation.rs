@@ -42,7 +42,6 @@ end
 struct Driver {
     handle: Option<DriverHandle>,
     notices: Receiver<DriverNotice>,
-    _runtime: tokio::runtime::Runtime,
     _dir: tempfile::TempDir,
 }
 
@@ -52,11 +51,6 @@ fn load(body: &str, limits: DriverLimits) -> (Driver, DriverNotice) {
     let path = dir.path().join("driver.lua");
     std::fs::write(&path, format!("{PRELUDE}\n{body}")).expect("write driver");
     let package = luadriver::package::load(&path).expect("load package");
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
     let (tx, notices) = crossbeam_channel::unbounded();
     let spec = DriverSpec {
         id: 9,
@@ -65,13 +59,12 @@ fn load(body: &str, limits: DriverLimits) -> (Driver, DriverNotice) {
         init_type: InitType::Adding,
         persist_path: None,
     };
-    let handle = driver::spawn_with_limits(spec, limits, runtime.handle().clone(), tx)
+    let handle = driver::spawn_with_limits(spec, limits, tx)
         .expect("spawn driver");
     let first = notices.recv_timeout(WAIT).expect("a load notice");
     let d = Driver {
         handle: Some(handle),
         notices,
-        _runtime: runtime,
         _dir: dir,
     };
     (d, first)

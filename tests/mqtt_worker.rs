@@ -40,6 +40,7 @@ impl Client {
         let (tx, events) = unbounded();
         let handle = spawn_client(
             runtime().handle(),
+            &tokio_util::task::TaskTracker::new(),
             Arc::new(move |event| tx.send(event).is_ok()),
         );
         Client {

@@ -1,9 +1,11 @@
 //! Per-driver state kept in the Lua state's app data, for the `C4` functions to reach.
 
-use super::event::{DriverEvent, DriverNotice};
+use super::event::{DriverNotice, EventSender};
+use super::io::DriverIo;
 use super::timers::TimerHeap;
 use crossbeam_channel::Sender;
 use std::collections::{BTreeMap, HashSet};
+use std::rc::Rc;
 use std::time::Instant;
 
 /// Who the driver is and how it reaches the rest of the process. Read-only after load.
@@ -15,11 +17,11 @@ pub struct DriverInfo {
     /// Properties the driver declares (driver.xml) or was given (`--prop`).
     pub declared_properties: HashSet<String>,
     /// Into this driver's own loop: MQTT workers deliver their events here.
-    pub events_tx: Sender<DriverEvent>,
+    pub events_tx: EventSender,
     /// To the host: `C4:FireEvent` and lifecycle notices.
     pub notices: Option<Sender<DriverNotice>>,
-    /// Where MQTT workers run.
-    pub rt: tokio::runtime::Handle,
+    /// The driver thread's runtime, where its MQTT workers run.
+    pub io: Rc<DriverIo>,
 }
 
 impl DriverInfo {

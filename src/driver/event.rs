@@ -2,6 +2,16 @@
 //! ([`DriverNotice`]). Everything a driver sees arrives as one of these events, one at a time.
 
 use crate::mqtt::MqttEvent;
+use tokio::sync::mpsc;
+
+/// Into a driver's loop: from the host, and from the driver's own MQTT workers. Unbounded,
+/// so no sender ever waits for a busy driver; the loop waits on it through its runtime.
+pub type EventSender = mpsc::UnboundedSender<DriverEvent>;
+pub type EventReceiver = mpsc::UnboundedReceiver<DriverEvent>;
+
+pub fn event_channel() -> (EventSender, EventReceiver) {
+    mpsc::unbounded_channel()
+}
 
 /// A `C4:MQTT` object of one driver; ids are never reused while the driver runs, so events
 /// of a collected object can never reach a new one.

@@ -5,16 +5,23 @@
 //! with a Lua error if the limits say so; the loop then goes on with the next event.
 
 use super::context::{Clock, DriverInfo, DriverTimers};
-use super::event::{DriverEvent, DriverNotice};
+use super::event::{DriverEvent, DriverNotice, EventReceiver, EventSender};
+use super::io::{DriverIo, Next};
 use super::timers::TimerHeap;
 use super::watchdog::{self, DriverLimits, Watch};
 use super::{DriverSpec, InitType, sandbox};
 use crate::c4;
 use crate::c4::persist::PersistStore;
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use crossbeam_channel::Sender;
 use mlua::{Function, IntoLuaMulti, Lua, Table, Value};
 use std::collections::VecDeque;
+use std::rc::Rc;
 use std::sync::Arc;
+use std::time::Duration;
+
+/// How long a stopping driver's MQTT workers may take to say goodbye to their brokers
+/// (a clean DISCONNECT, so no will is published).
+const CLOSE_LIMIT: Duration = Duration::from_secs(3);
 
 /// A loaded driver, ready to run its loop on the current thread.
 pub struct DriverLoop {
@@ -22,7 +29,9 @@ pub struct DriverLoop {
     id: u32,
     name: String,
     init_type: InitType,
-    events_rx: Receiver<DriverEvent>,
+    events_rx: EventReceiver,
+    /// The runtime the driver's MQTT workers run on; also in the Lua state's [`DriverInfo`].
+    io: Rc<DriverIo>,
     notices: Option<Sender<DriverNotice>>,
     watch: Arc<Watch>,
 }
@@ -33,26 +42,27 @@ impl DriverLoop {
     /// Uses the process's default [`DriverLimits`].
     pub fn load(
         spec: DriverSpec,
-        events_tx: Sender<DriverEvent>,
-        events_rx: Receiver<DriverEvent>,
-        rt: tokio::runtime::Handle,
+        events_tx: EventSender,
+        events_rx: EventReceiver,
         notices: Option<Sender<DriverNotice>>,
     ) -> Result<DriverLoop, String> {
         let limits = watchdog::default_limits();
-        Self::load_with_limits(spec, limits, events_tx, events_rx, rt, notices)
+        Self::load_with_limits(spec, limits, events_tx, events_rx, notices)
     }
 
     /// [`DriverLoop::load`] with limits of its own for this driver.
     pub fn load_with_limits(
         spec: DriverSpec,
         limits: DriverLimits,
-        events_tx: Sender<DriverEvent>,
-        events_rx: Receiver<DriverEvent>,
-        rt: tokio::runtime::Handle,
+        events_tx: EventSender,
+        events_rx: EventReceiver,
         notices: Option<Sender<DriverNotice>>,
     ) -> Result<DriverLoop, String> {
         let package = std::sync::Arc::new(spec.package);
         let name = package.name.clone();
+        let io = Rc::new(
+            DriverIo::new().map_err(|e| format!("{name}: cannot start the driver's I/O: {e}"))?,
+        );
         let finder = std::sync::Arc::clone(&package);
         let lua = sandbox::new_state(Box::new(move |module| finder.find_module(module)))
             .map_err(|e| format!("{name}: cannot create the Lua state: {e}"))?;
@@ -74,7 +84,7 @@ impl DriverLoop {
             declared_properties: properties.iter().map(|(k, _)| k.clone()).collect(),
             events_tx,
             notices: notices.clone(),
-            rt,
+            io: Rc::clone(&io),
         });
         let store = match &spec.persist_path {
             Some(path) => PersistStore::open(path).map_err(|e| format!("{name}: {e}"))?,
@@ -103,6 +113,7 @@ impl DriverLoop {
             name,
             init_type: spec.init_type,
             events_rx,
+            io,
             notices,
             watch,
         };
@@ -118,14 +129,15 @@ impl DriverLoop {
 
     /// Runs until `Stop`. Events that arrive before `LateInit` wait for it, so
     /// `OnDriverLateInit` always comes before anything else the driver is told.
-    pub fn run(self) {
+    pub fn run(mut self) {
         let mut early = VecDeque::new();
         loop {
-            match self.events_rx.recv() {
-                Ok(DriverEvent::LateInit) => break,
-                Ok(DriverEvent::Stop { reason }) => return self.stop(&reason),
-                Ok(other) => early.push_back(other),
-                Err(_) => return self.stop("DRIVER_REMOVED"),
+            match self.io.next_event(&mut self.events_rx, None) {
+                Next::Event(DriverEvent::LateInit) => break,
+                Next::Event(DriverEvent::Stop { reason }) => return self.stop(&reason),
+                Next::Event(other) => early.push_back(other),
+                Next::Deadline => {}
+                Next::Closed => return self.stop("DRIVER_REMOVED"),
             }
         }
         self.call_global("OnDriverLateInit", self.init_type.as_str());
@@ -137,21 +149,14 @@ impl DriverLoop {
         loop {
             self.fire_due_timers();
             let deadline = self.next_deadline();
-            let received = match deadline {
-                Some(deadline) => self.events_rx.recv_deadline(deadline),
-                None => self
-                    .events_rx
-                    .recv()
-                    .map_err(|_| RecvTimeoutError::Disconnected),
-            };
-            match received {
-                Ok(event) => {
+            match self.io.next_event(&mut self.events_rx, deadline) {
+                Next::Event(event) => {
                     if let Some(reason) = self.dispatch(event) {
                         return self.stop(&reason);
                     }
                 }
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => return self.stop("DRIVER_REMOVED"),
+                Next::Deadline => {}
+                Next::Closed => return self.stop("DRIVER_REMOVED"),
             }
         }
     }
@@ -232,9 +237,28 @@ impl DriverLoop {
         }
     }
 
+    /// `OnDriverDestroyed`, then the Lua state goes (closing every client) and the workers
+    /// get up to [`CLOSE_LIMIT`] to disconnect cleanly before `Stopped` is sent.
     fn stop(self, reason: &str) {
         self.call_global("OnDriverDestroyed", reason);
-        self.notify(DriverNotice::Stopped { id: self.id });
+        let DriverLoop {
+            lua,
+            id,
+            io,
+            notices,
+            events_rx,
+            ..
+        } = self;
+        drop(lua);
+        match Rc::try_unwrap(io) {
+            Ok(io) => io.finish(CLOSE_LIMIT),
+            // Only the Lua state held another reference, and it is gone.
+            Err(_) => log::debug!("driver I/O still shared at stop"),
+        }
+        drop(events_rx);
+        if let Some(tx) = &notices {
+            let _ = tx.send(DriverNotice::Stopped { id });
+        }
     }
 
     /// Calls a global function of the driver if it defines one.

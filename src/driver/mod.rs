@@ -8,11 +8,12 @@
 pub mod context;
 pub mod event;
 mod event_loop;
+pub mod io;
 mod sandbox;
 pub mod timers;
 pub mod watchdog;
 
-pub use event::{ClientKey, DriverEvent, DriverNotice};
+pub use event::{ClientKey, DriverEvent, DriverNotice, EventReceiver, EventSender, event_channel};
 pub use event_loop::DriverLoop;
 pub use watchdog::DriverLimits;
 
@@ -56,7 +57,7 @@ pub struct DriverSpec {
 pub struct DriverHandle {
     pub id: u32,
     pub name: String,
-    events_tx: Sender<DriverEvent>,
+    events_tx: EventSender,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -99,22 +100,17 @@ const DRIVER_STACK_BYTES: usize = 256 << 20;
 
 /// Starts a driver on its own thread, with the process's default [`DriverLimits`]
 /// ([`watchdog::set_default_limits`]). Load errors arrive as [`DriverNotice::Failed`].
-pub fn spawn(
-    spec: DriverSpec,
-    rt: tokio::runtime::Handle,
-    notices: Sender<DriverNotice>,
-) -> std::io::Result<DriverHandle> {
-    spawn_with_limits(spec, watchdog::default_limits(), rt, notices)
+pub fn spawn(spec: DriverSpec, notices: Sender<DriverNotice>) -> std::io::Result<DriverHandle> {
+    spawn_with_limits(spec, watchdog::default_limits(), notices)
 }
 
 /// [`spawn`] with limits of its own for this driver.
 pub fn spawn_with_limits(
     spec: DriverSpec,
     limits: DriverLimits,
-    rt: tokio::runtime::Handle,
     notices: Sender<DriverNotice>,
 ) -> std::io::Result<DriverHandle> {
-    let (events_tx, events_rx) = crossbeam_channel::unbounded();
+    let (events_tx, events_rx) = event_channel();
     let id = spec.id;
     let name = spec.package.name.clone();
     let loop_tx = events_tx.clone();
@@ -132,7 +128,6 @@ pub fn spawn_with_limits(
                 limits,
                 loop_tx,
                 events_rx,
-                rt,
                 Some(notices.clone()),
             );
             match loaded {

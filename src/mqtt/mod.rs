@@ -1,4 +1,5 @@
-//! The MQTT client behind `C4:MQTT`: one worker task per client object.
+//! The MQTT client behind `C4:MQTT`: one worker task per client object, on the runtime of
+//! the driver that made it (see `driver::io`).
 //!
 //! Lua thread → [`MqttCommand`] → worker → broker → ack → [`MqttEvent`] → driver loop.
 //!
@@ -19,6 +20,7 @@ pub use types::*;
 
 use std::sync::Arc;
 use tokio::sync::mpsc::{self, UnboundedSender};
+use tokio_util::task::TaskTracker;
 
 /// The Lua side's end of one client: sends commands, reads live status. Cheap to clone;
 /// when the last clone is dropped the worker disconnects (if connected), closes the
@@ -48,11 +50,19 @@ impl MqttHandle {
     }
 }
 
-/// Starts one client's worker on `rt`; its events go to `sink`. Nothing connects until a
-/// [`MqttCommand::Connect`] arrives.
-pub fn spawn_client(rt: &tokio::runtime::Handle, sink: EventSink) -> MqttHandle {
+/// Starts one client's worker on `rt`, counted in `workers` (so its owner can wait for it
+/// to close); its events go to `sink`. Nothing connects until a [`MqttCommand::Connect`]
+/// arrives.
+pub fn spawn_client(
+    rt: &tokio::runtime::Handle,
+    workers: &TaskTracker,
+    sink: EventSink,
+) -> MqttHandle {
     let (commands, commands_rx) = mpsc::unbounded_channel();
     let status = Arc::new(ClientStatus::default());
-    rt.spawn(worker::Worker::new(commands_rx, sink, status.clone()).run());
+    workers.spawn_on(
+        worker::Worker::new(commands_rx, sink, status.clone()).run(),
+        rt,
+    );
     MqttHandle { commands, status }
 }

@@ -24,7 +24,6 @@ end
 pub struct TestDriver {
     pub handle: Option<DriverHandle>,
     pub notices: Receiver<DriverNotice>,
-    pub runtime: tokio::runtime::Runtime,
     pub dir: tempfile::TempDir,
     /// Events fired before `Initialized` (by the chunk or `OnDriverInit`).
     early: RefCell<VecDeque<String>>,
@@ -57,11 +56,6 @@ impl TestDriver {
         dir: tempfile::TempDir,
         props: &[(&str, &str)],
     ) -> TestDriver {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("tokio runtime");
         let (tx, notices) = crossbeam_channel::unbounded();
         let spec = DriverSpec {
             id: 42,
@@ -73,11 +67,10 @@ impl TestDriver {
             init_type: InitType::Adding,
             persist_path: None,
         };
-        let handle = driver::spawn(spec, runtime.handle().clone(), tx).expect("spawn driver");
+        let handle = driver::spawn(spec, tx).expect("spawn driver");
         let d = TestDriver {
             handle: Some(handle),
             notices,
-            runtime,
             dir,
             early: RefCell::new(VecDeque::new()),
         };

@@ -378,18 +378,18 @@ fn new_client(lua: &Lua, (_, id, clean): (Value, Value, Value)) -> mlua::Result<
         client_id.unwrap_or_else(|| format!("luadriver-{:016x}", rand::random::<u64>()));
 
     let key = ClientKey(NEXT_CLIENT_KEY.fetch_add(1, Ordering::Relaxed));
-    let (events_tx, rt) = {
+    let (events_tx, spawner) = {
         let info = lua
             .app_data_ref::<DriverInfo>()
             .ok_or_else(|| mlua::Error::runtime("C4:MQTT called outside a driver"))?;
-        (info.events_tx.clone(), info.rt.clone())
+        (info.events_tx.clone(), info.io.spawner())
     };
     let sink = Arc::new(move |event: MqttEvent| {
         events_tx
             .send(DriverEvent::Mqtt { client: key, event })
             .is_ok()
     });
-    let handle = spawn_client(&rt, sink);
+    let handle = spawn_client(&spawner.rt, &spawner.workers, sink);
     let client = LuaMqttClient {
         handle,
         publishes_sent: 0,

@@ -1,11 +1,13 @@
 //! Publishes held until the Lua code that made them returns to the driver loop.
 //!
-//! Handing a message to its worker can wake the worker's thread, and on a busy machine the
-//! woken thread preempts the driver's; inside `Publish` that cost tens of microseconds at the
-//! 99th percentile. So `Publish` only appends here, and the loop calls [`flush`] when Lua
-//! returns (or every [`FLUSH_AT`], so a long loop still streams). Any other command flushes
-//! first, so each client's commands keep their order.
+//! The workers run on the driver's own thread (`driver::io`), so nothing a `Publish` hands
+//! over moves before Lua returns anyway; holding them here makes `Publish` an append, and
+//! the hand-over one batch per callback. The loop calls [`flush`] when Lua returns; a long
+//! loop of publishes hands each [`FLUSH_AT`] over and gives the workers a turn, so its
+//! messages stream out (and acks come in) while it runs. Any other command flushes first,
+//! so each client's commands keep their order.
 
+use crate::driver::context::DriverInfo;
 use crate::mqtt::{MqttCommand, MqttHandle, PublishRequest};
 use mlua::Lua;
 
@@ -31,6 +33,9 @@ pub fn flush(lua: &Lua) {
             handle.send(cmd);
         }
     }
+    if let Some(info) = lua.app_data_ref::<DriverInfo>() {
+        info.io.wake_workers();
+    }
 }
 
 pub(super) fn queue_publish(lua: &Lua, handle: &MqttHandle, request: PublishRequest) {
@@ -54,9 +59,15 @@ pub(super) fn queue_publish(lua: &Lua, handle: &MqttHandle, request: PublishRequ
     };
     let batch = &mut pending.batches[index].1;
     batch.push(cmd);
-    if batch.len() >= FLUSH_AT {
-        for cmd in batch.drain(..) {
-            handle.send(cmd);
-        }
+    if batch.len() < FLUSH_AT {
+        return;
+    }
+    for cmd in batch.drain(..) {
+        handle.send(cmd);
+    }
+    drop(pending);
+    // Not inside the runtime: Lua runs only between the driver loop's waits.
+    if let Some(info) = lua.app_data_ref::<DriverInfo>() {
+        info.io.turn();
     }
 }
