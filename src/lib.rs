@@ -14,17 +14,22 @@
 //!
 //! # Threads and channels
 //!
-//! Each driver owns one OS thread and one Lua state; nothing else touches the state. All
-//! MQTT workers are tasks on one shared tokio runtime. The data path of a publish:
+//! Each driver owns one OS thread and one Lua state; nothing else touches the state. The
+//! driver's MQTT workers are tasks on a current-thread tokio runtime of that same thread
+//! ([`driver::io`]), run whenever the driver waits for its next event, so a publish and
+//! its ack never cross a thread. The data path of a publish:
 //!
 //! ```text
-//! Lua mqtt:Publish ─ checks ─▶ MqttCommand::Publish ─ tokio unbounded ─▶ worker task
-//!   (returns 0, msgId at once)                                           │ outbox, socket
-//! Lua OnPublish ◀─ DriverLoop ◀─ crossbeam unbounded ◀─ MqttEvent::Published ◀─ ack
+//! Lua mqtt:Publish ─ checks ─▶ held until the callback returns (or 256 are held)
+//!   (returns 0, msgId at once)   │ MqttCommand::Publish, tokio unbounded
+//!                                ▼
+//!                            worker task ─ outbox ─▶ socket ─▶ broker
+//!                                                               │ ack
+//! Lua OnPublish ◀─ DriverLoop ◀─ tokio unbounded ◀─ MqttEvent::Published
 //! ```
 //!
-//! Both channels are unbounded so neither side ever blocks on the other: the Lua thread
-//! never waits for the network, and a worker never waits for a busy driver.
+//! Both channels are unbounded so neither side ever blocks on the other: Lua never waits
+//! for the network, and the host never waits for a busy driver.
 
 pub mod broker;
 pub mod c4;

@@ -625,6 +625,71 @@ fn stopping_a_driver_closes_its_connections() {
 }
 
 #[test]
+fn a_stopping_driver_disconnects_cleanly_so_its_will_is_not_published() {
+    let Some(broker) = mosquitto() else { return };
+    let proxy = common::proxy::FaultProxy::start(broker.port);
+    let watcher = Session::start(
+        broker.port,
+        r#"
+        local w = client("watcher")
+        w:OnConnect(function(o) o:Subscribe("wills/#", 1) end)
+        w:Connect("127.0.0.1", PORT)
+        "#,
+    );
+    watcher.wait("watcher subscribed");
+    let dying = Session::start(
+        proxy.port,
+        r#"
+        local d = client("dying")
+        d:SetWill("wills/dying", "gone", 1, false)
+        d:Connect("127.0.0.1", PORT)
+        "#,
+    );
+    dying.wait("dying connect 0");
+    // The workers run on the driver's thread: the stop must still let them send DISCONNECT
+    // (a dropped runtime would just close the socket, and the broker publish the will).
+    dying.driver.stop();
+    assert!(
+        common::wait_until(std::time::Duration::from_secs(10), || proxy.connections()
+            == 0),
+        "the stopped driver's connection is still open"
+    );
+    // A will would have been published when the connection closed, before this marker.
+    watcher.lua(r#"clients.watcher:Publish("wills/marker", "m", 1)"#);
+    let first = watcher.wait("watcher message");
+    assert!(
+        first.starts_with("watcher message wills/marker "),
+        "the will was published on a clean stop: {first}"
+    );
+}
+
+#[test]
+fn a_long_callback_streams_its_publishes_before_it_returns() {
+    let Some(broker) = mosquitto() else { return };
+    let s = Session::start(
+        broker.port,
+        r#"local c = client("c"); c:Connect("127.0.0.1", PORT)"#,
+    );
+    s.wait("c connect 0");
+    // Publishes are handed over in batches, and the worker, which shares the driver's
+    // thread, gets a turn at each: messages leave while the callback still runs.
+    s.lua(
+        r#"
+        for i = 1, 1000 do clients.c:Publish("stream/x", "m", 1) end
+        local stats = clients.c:GetStats()
+        say("inside", stats.published > 0, stats.queued + stats.inflight + stats.acknowledged)
+        "#,
+    );
+    assert_eq!(s.wait("inside"), "inside true 1000");
+    let mut published = 0;
+    while published < 1000 {
+        let e = s.wait("c published");
+        assert!(e.ends_with(" 0"), "{e}");
+        published += 1;
+    }
+}
+
+#[test]
 fn auto_reconnect_retries_a_first_connect_that_failed() {
     let Some(broker) = mosquitto() else { return };
     let proxy = common::proxy::FaultProxy::start(broker.port);

@@ -59,8 +59,7 @@ fn load(body: &str, limits: DriverLimits) -> (Driver, DriverNotice) {
         init_type: InitType::Adding,
         persist_path: None,
     };
-    let handle = driver::spawn_with_limits(spec, limits, tx)
-        .expect("spawn driver");
+    let handle = driver::spawn_with_limits(spec, limits, tx).expect("spawn driver");
     let first = notices.recv_timeout(WAIT).expect("a load notice");
     let d = Driver {
         handle: Some(handle),

@@ -164,7 +164,7 @@ impl Worker {
     // ---- events ----
 
     /// Queues an event for the driver. Events leave at the end of the step, after the
-    /// socket was written: waking the driver's thread costs a system call and may hand it
+    /// socket was written: waking the driver's loop may cost a system call and hand it
     /// this core, which must not delay the next PUBLISH.
     fn emit(&mut self, event: MqttEvent) {
         if !self.deaf {
