@@ -18,7 +18,14 @@ pub const FLUSH_AT: usize = 256;
 #[derive(Default)]
 pub struct PendingPublishes {
     batches: Vec<(MqttHandle, Vec<MqttCommand>)>,
+    /// Emptied batches, kept with their room: a new batch allocated at the first publish
+    /// of a callback was a large allocation that made glibc's malloc consolidate what the
+    /// worker had just freed, 5–20 µs inside `Publish` (the 99th percentile of its cost).
+    spare: Vec<Vec<MqttCommand>>,
 }
+
+/// Emptied batches kept for reuse; one per client that publishes in the same callback.
+const SPARE_BATCHES: usize = 8;
 
 /// Hands every pending publish to its worker. The driver loop calls this whenever Lua code
 /// it ran returns; a handle kept here would otherwise keep a collected client's worker alive.
@@ -27,11 +34,17 @@ pub fn flush(lua: &Lua) {
         Some(mut pending) if !pending.batches.is_empty() => std::mem::take(&mut pending.batches),
         _ => return,
     };
-    for (handle, commands) in batches {
-        for cmd in commands {
+    let mut emptied = Vec::with_capacity(batches.len());
+    for (handle, mut commands) in batches {
+        for cmd in commands.drain(..) {
             // A worker that ended has had its sink closed: the driver is stopping.
             handle.send(cmd);
         }
+        emptied.push(commands);
+    }
+    if let Some(mut pending) = lua.app_data_mut::<PendingPublishes>() {
+        let room = SPARE_BATCHES.saturating_sub(pending.spare.len());
+        pending.spare.extend(emptied.into_iter().take(room));
     }
     if let Some(info) = lua.app_data_ref::<DriverInfo>() {
         info.io.wake_workers();
@@ -51,9 +64,11 @@ pub(super) fn queue_publish(lua: &Lua, handle: &MqttHandle, request: PublishRequ
     {
         Some(i) => i,
         None => {
-            pending
-                .batches
-                .push((handle.clone(), Vec::with_capacity(16)));
+            let batch = pending
+                .spare
+                .pop()
+                .unwrap_or_else(|| Vec::with_capacity(FLUSH_AT));
+            pending.batches.push((handle.clone(), batch));
             pending.batches.len() - 1
         }
     };
