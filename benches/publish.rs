@@ -552,10 +552,7 @@ fn rumqttc_flood(port: u16, window: u16, qos: u8, n: usize) -> Result<f64, Strin
         .map_err(|e| e.to_string())?;
     rt.block_on(async move {
         let (client, mut eventloop) =
-            AsyncClient::new(rumqttc_options(port, window, "flood"), RUMQTTC_CAP);
-        let mut net = eventloop.network_options();
-        net.set_tcp_nodelay(true);
-        eventloop.set_network_options(net);
+            raw_client(rumqttc_options(port, window, "flood"), RUMQTTC_CAP);
         wait_connack(&mut eventloop).await?;
         let payload = vec![b'x'; PAYLOAD_LEN];
         let start = Instant::now();
@@ -590,6 +587,16 @@ fn rumqttc_flood(port: u16, window: u16, qos: u8, n: usize) -> Result<f64, Strin
     })
 }
 
+/// A raw rumqttc client with TCP_NODELAY, as luadriver sets it; `cap` is its request
+/// channel's size.
+fn raw_client(opts: MqttOptions, cap: usize) -> (AsyncClient, rumqttc::EventLoop) {
+    let (client, mut eventloop) = AsyncClient::new(opts, cap);
+    let mut net = eventloop.network_options();
+    net.set_tcp_nodelay(true);
+    eventloop.set_network_options(net);
+    (client, eventloop)
+}
+
 async fn wait_connack(eventloop: &mut rumqttc::EventLoop) -> Result<(), String> {
     loop {
         let ev = tokio::time::timeout(Duration::from_secs(10), eventloop.poll())
@@ -615,10 +622,7 @@ impl RawRoundTrip {
             .enable_all()
             .build()
             .map_err(|e| e.to_string())?;
-        let (client, mut eventloop) = AsyncClient::new(rumqttc_options(port, 1, "rtt"), 16);
-        let mut net = eventloop.network_options();
-        net.set_tcp_nodelay(true);
-        eventloop.set_network_options(net);
+        let (client, mut eventloop) = raw_client(rumqttc_options(port, 1, "rtt"), 16);
         rt.block_on(wait_connack(&mut eventloop))?;
         Ok(RawRoundTrip {
             rt,
@@ -1348,10 +1352,7 @@ fn rumqttc_scale(port: u16, count: usize, per_client: usize) -> Result<f64, Stri
         let mut clients = Vec::with_capacity(count);
         for i in 0..count {
             let (client, mut eventloop) =
-                AsyncClient::new(rumqttc_options(port, 20, &format!("scale{i}")), RUMQTTC_CAP);
-            let mut net = eventloop.network_options();
-            net.set_tcp_nodelay(true);
-            eventloop.set_network_options(net);
+                raw_client(rumqttc_options(port, 20, &format!("scale{i}")), RUMQTTC_CAP);
             wait_connack(&mut eventloop).await?;
             clients.push((client, eventloop));
         }
