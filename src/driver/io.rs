@@ -14,11 +14,11 @@
 //! too (acks wait in the socket, keep-alive pings are late — after 1.5 × the keep-alive the
 //! broker drops the link, and the messages in flight are resent on reconnect, none lost).
 
-use super::event::DriverEvent;
+use super::event::{DriverEvent, EventReceiver};
+use crate::mqtt::{self, EventSink, MqttHandle};
 use std::cell::Cell;
 use std::time::{Duration, Instant};
-use tokio::runtime::{Builder, Handle, Runtime};
-use tokio::sync::mpsc::UnboundedReceiver;
+use tokio::runtime::{Builder, Runtime};
 use tokio::sync::mpsc::error::TryRecvError;
 use tokio_util::task::TaskTracker;
 
@@ -45,13 +45,6 @@ pub struct DriverIo {
     wants_turn: Cell<bool>,
 }
 
-/// Where a driver's MQTT workers are spawned, for the `C4:MQTT` binding.
-#[derive(Clone)]
-pub struct WorkerSpawner {
-    pub rt: Handle,
-    pub workers: TaskTracker,
-}
-
 impl DriverIo {
     pub fn new() -> std::io::Result<DriverIo> {
         let rt = Builder::new_current_thread().enable_all().build()?;
@@ -63,11 +56,9 @@ impl DriverIo {
         })
     }
 
-    pub fn spawner(&self) -> WorkerSpawner {
-        WorkerSpawner {
-            rt: self.rt.handle().clone(),
-            workers: self.workers.clone(),
-        }
+    /// Starts an MQTT client's worker on this runtime; `finish` waits for it.
+    pub fn spawn_client(&self, sink: EventSink) -> MqttHandle {
+        mqtt::spawn_client(self.rt.handle(), &self.workers, sink)
     }
 
     /// Notes that commands were handed to a worker: it gets a turn before the next event.
@@ -86,11 +77,7 @@ impl DriverIo {
 
     /// The next event, running the workers while none is there. Waits until `deadline` at
     /// most (forever when `None`).
-    pub fn next_event(
-        &self,
-        events: &mut UnboundedReceiver<DriverEvent>,
-        deadline: Option<Instant>,
-    ) -> Next {
+    pub fn next_event(&self, events: &mut EventReceiver, deadline: Option<Instant>) -> Next {
         match events.try_recv() {
             Ok(event) => {
                 // Events are waiting, so the runtime would not run before this one is

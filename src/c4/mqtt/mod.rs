@@ -34,7 +34,6 @@ use crate::mqtt::codes::{self, err};
 use crate::mqtt::tls::TlsFiles;
 use crate::mqtt::{
     MqttCommand, MqttEvent, MqttHandle, MsgId, ProtocolVersion, Secret, TlsSettings, Will,
-    spawn_client,
 };
 use mlua::{AnyUserData, Lua, MultiValue, Table, UserData, UserDataMethods, Value};
 use props::int_in;
@@ -378,18 +377,17 @@ fn new_client(lua: &Lua, (_, id, clean): (Value, Value, Value)) -> mlua::Result<
         client_id.unwrap_or_else(|| format!("luadriver-{:016x}", rand::random::<u64>()));
 
     let key = ClientKey(NEXT_CLIENT_KEY.fetch_add(1, Ordering::Relaxed));
-    let (events_tx, spawner) = {
+    let handle = {
         let info = lua
             .app_data_ref::<DriverInfo>()
             .ok_or_else(|| mlua::Error::runtime("C4:MQTT called outside a driver"))?;
-        (info.events_tx.clone(), info.io.spawner())
+        let events_tx = info.events_tx.clone();
+        info.io.spawn_client(Arc::new(move |event: MqttEvent| {
+            events_tx
+                .send(DriverEvent::Mqtt { client: key, event })
+                .is_ok()
+        }))
     };
-    let sink = Arc::new(move |event: MqttEvent| {
-        events_tx
-            .send(DriverEvent::Mqtt { client: key, event })
-            .is_ok()
-    });
-    let handle = spawn_client(&spawner.rt, &spawner.workers, sink);
     let client = LuaMqttClient {
         handle,
         publishes_sent: 0,

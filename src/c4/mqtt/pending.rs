@@ -30,21 +30,24 @@ const SPARE_BATCHES: usize = 8;
 /// Hands every pending publish to its worker. The driver loop calls this whenever Lua code
 /// it ran returns; a handle kept here would otherwise keep a collected client's worker alive.
 pub fn flush(lua: &Lua) {
-    let batches = match lua.app_data_mut::<PendingPublishes>() {
-        Some(mut pending) if !pending.batches.is_empty() => std::mem::take(&mut pending.batches),
-        _ => return,
-    };
-    let mut emptied = Vec::with_capacity(batches.len());
-    for (handle, mut commands) in batches {
-        for cmd in commands.drain(..) {
-            // A worker that ended has had its sink closed: the driver is stopping.
-            handle.send(cmd);
+    {
+        let Some(mut pending) = lua.app_data_mut::<PendingPublishes>() else {
+            return;
+        };
+        if pending.batches.is_empty() {
+            return;
         }
-        emptied.push(commands);
-    }
-    if let Some(mut pending) = lua.app_data_mut::<PendingPublishes>() {
-        let room = SPARE_BATCHES.saturating_sub(pending.spare.len());
-        pending.spare.extend(emptied.into_iter().take(room));
+        // Sending runs no Lua, so the borrow may be held throughout.
+        let PendingPublishes { batches, spare } = &mut *pending;
+        for (handle, mut commands) in batches.drain(..) {
+            for cmd in commands.drain(..) {
+                // A worker that ended has had its sink closed: the driver is stopping.
+                handle.send(cmd);
+            }
+            if spare.len() < SPARE_BATCHES {
+                spare.push(commands);
+            }
+        }
     }
     if let Some(info) = lua.app_data_ref::<DriverInfo>() {
         info.io.wake_workers();
