@@ -15,7 +15,7 @@
 use crossbeam_channel::{Receiver, Sender};
 use luadriver::broker::EmbeddedBroker;
 use luadriver::driver::{
-    self, DriverEvent, DriverHandle, DriverLoop, DriverNotice, DriverSpec, EventSender,
+    self, DriverEvent, DriverHandle, DriverLoop, DriverNotice, DriverSpec, EventSender, IoThread,
 };
 use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
 use serde_json::{Value as Json, json};
@@ -340,7 +340,7 @@ impl Host {
         }
     }
 
-    fn spec(&mut self, port: u16, window: u16) -> DriverSpec {
+    fn spec(&mut self, port: u16, window: u16, io: IoThread) -> DriverSpec {
         let id = self.next_id;
         self.next_id += 1;
         let source = DRIVER_LUA
@@ -363,12 +363,19 @@ impl Host {
             properties: Vec::new(),
             init_type: driver::InitType::Adding,
             persist_path: None,
+            io,
         }
     }
 
     /// A driver started the way the host starts drivers (`driver::spawn`).
-    fn spawn(&mut self, port: u16, window: u16, notices: Sender<DriverNotice>) -> BenchDriver {
-        let spec = self.spec(port, window);
+    fn spawn(
+        &mut self,
+        port: u16,
+        window: u16,
+        io: IoThread,
+        notices: Sender<DriverNotice>,
+    ) -> BenchDriver {
+        let spec = self.spec(port, window, io);
         let id = spec.id;
         // Events go through the handle and notices to `notices`, which the caller reads.
         let (events, _) = driver::event_channel();
@@ -390,7 +397,7 @@ impl Host {
     /// nanoseconds in a double, too coarse for sub-microsecond calls.
     /// With `cpu`, the driver's thread runs on that CPU only.
     fn spawn_clocked(&mut self, port: u16, window: u16, cpu: Option<usize>) -> BenchDriver {
-        let spec = self.spec(port, window);
+        let spec = self.spec(port, window, IoThread::Own);
         let id = spec.id;
         let (events, events_rx) = driver::event_channel();
         let (notices_tx, notices) = crossbeam_channel::unbounded();
@@ -872,7 +879,7 @@ fn luadriver_flood(
     n: usize,
 ) -> Result<f64, String> {
     let (tx, rx) = crossbeam_channel::unbounded();
-    let mut d = host.spawn(port, window, tx);
+    let mut d = host.spawn(port, window, IoThread::Own, tx);
     d.notices = rx;
     d.wait_event("connected", Duration::from_secs(10))?;
     let start = Instant::now();
@@ -1286,13 +1293,12 @@ fn round_trip(opts: &Options, host: &mut Host, embedded: &EmbeddedBroker, report
 
 // ---------------------------------------------------------------- scale
 
-struct ScaleResult {
+/// One scale case: `drivers` drivers, their MQTT placed on `io`.
+struct ScaleRun {
     drivers: usize,
     rss_per_driver: f64,
     start_secs: f64,
     msgs_per_s: f64,
-    /// Raw rumqttc with as many clients, in the same run.
-    rumqttc_msgs_per_s: f64,
 }
 
 fn scale_run(
@@ -1300,13 +1306,14 @@ fn scale_run(
     port: u16,
     count: usize,
     per_driver: usize,
-) -> Result<ScaleResult, String> {
+    io: IoThread,
+) -> Result<ScaleRun, String> {
     let (tx, rx) = crossbeam_channel::unbounded();
     let rss_before = rss_bytes();
     let start = Instant::now();
     let mut drivers = Vec::with_capacity(count);
     for _ in 0..count {
-        drivers.push(host.spawn(port, 20, tx.clone()));
+        drivers.push(host.spawn(port, 20, io, tx.clone()));
     }
     let limit = Duration::from_secs(60);
     for _ in 0..count {
@@ -1331,12 +1338,11 @@ fn scale_run(
     for d in drivers {
         d.stop();
     }
-    Ok(ScaleResult {
+    Ok(ScaleRun {
         drivers: count,
         rss_per_driver,
         start_secs,
         msgs_per_s: (count * per_driver) as f64 / secs,
-        rumqttc_msgs_per_s: f64::NAN,
     })
 }
 
@@ -1393,8 +1399,20 @@ fn rumqttc_scale(port: u16, count: usize, per_client: usize) -> Result<f64, Stri
     })
 }
 
+fn io_arg(io: IoThread) -> &'static str {
+    match io {
+        IoThread::Own => "own",
+        IoThread::Shared => "shared",
+    }
+}
+
 /// Runs one scale case in a child process (this bench binary, `--scale-child`).
-fn scale_in_child(port: u16, count: usize, per_driver: usize) -> Result<ScaleResult, String> {
+fn scale_in_child(
+    port: u16,
+    count: usize,
+    per_driver: usize,
+    io: IoThread,
+) -> Result<ScaleRun, String> {
     let exe = std::env::current_exe().map_err(|e| format!("current exe: {e}"))?;
     let out = std::process::Command::new(exe)
         .args([
@@ -1402,6 +1420,7 @@ fn scale_in_child(port: u16, count: usize, per_driver: usize) -> Result<ScaleRes
             &count.to_string(),
             &port.to_string(),
             &per_driver.to_string(),
+            io_arg(io),
         ])
         .stderr(std::process::Stdio::inherit())
         .output()
@@ -1417,15 +1436,51 @@ fn scale_in_child(port: u16, count: usize, per_driver: usize) -> Result<ScaleRes
         .filter_map(|x| x.parse().ok())
         .collect();
     match f[..] {
-        [drivers, rss, start, rate] => Ok(ScaleResult {
+        [drivers, rss, start, rate] => Ok(ScaleRun {
             drivers: drivers as usize,
             rss_per_driver: rss,
             start_secs: start,
             msgs_per_s: rate,
-            rumqttc_msgs_per_s: f64::NAN,
         }),
         _ => Err(format!("unreadable scale result: {line}")),
     }
+}
+
+/// CPU seconds (user + system) a process has used so far, from `/proc`.
+fn cpu_secs_of(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces), from field 3 on.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    // SAFETY: sysconf only reads a configuration value.
+    let per_sec = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    (per_sec > 0.0).then(|| ticks / per_sec)
+}
+
+/// Runs `f` and returns its result with the broker's CPU µs per message over it.
+fn with_broker_cpu<T>(
+    broker: &Mosquitto,
+    messages: usize,
+    f: impl FnOnce() -> Result<T, String>,
+) -> Result<(T, f64), String> {
+    let pid = broker.child.id();
+    let before = cpu_secs_of(pid);
+    let out = f()?;
+    let us = match (before, cpu_secs_of(pid)) {
+        (Some(a), Some(b)) => (b - a) * 1e6 / messages as f64,
+        _ => f64::NAN,
+    };
+    Ok((out, us))
+}
+
+/// One row of the scale table: each placement and raw rumqttc, with as many clients.
+struct ScaleRow {
+    shared: ScaleRun,
+    own_msgs_per_s: f64,
+    rumqttc_msgs_per_s: f64,
+    /// Mosquitto's CPU µs per message, serving luadriver (shared) and raw rumqttc.
+    broker_us: (f64, f64),
 }
 
 fn scale(opts: &Options, report: &mut Report) {
@@ -1439,22 +1494,35 @@ fn scale(opts: &Options, report: &mut Report) {
         Ok(m) => m,
         Err(e) => return progress(&format!("scale skipped: {e}")),
     };
+    let port = mosquitto.port;
     let mut results = Vec::new();
     for &count in counts {
         let per_driver = (total / count).max(100);
-        match scale_in_child(mosquitto.port, count, per_driver) {
-            Ok(mut r) => {
-                r.rumqttc_msgs_per_s = rumqttc_scale(mosquitto.port, count, per_driver)
-                    .unwrap_or_else(|e| {
-                        progress(&format!("scale {count} rumqttc: FAILED: {e}"));
-                        f64::NAN
-                    });
+        let messages = count * per_driver;
+        let measured = (|| {
+            let (shared, ours_us) = with_broker_cpu(&mosquitto, messages, || {
+                scale_in_child(port, count, per_driver, IoThread::Shared)
+            })?;
+            let own = scale_in_child(port, count, per_driver, IoThread::Own)?;
+            let (raw, raw_us) = with_broker_cpu(&mosquitto, messages, || {
+                rumqttc_scale(port, count, per_driver)
+            })?;
+            Ok::<_, String>(ScaleRow {
+                shared,
+                own_msgs_per_s: own.msgs_per_s,
+                rumqttc_msgs_per_s: raw,
+                broker_us: (ours_us, raw_us),
+            })
+        })();
+        match measured {
+            Ok(r) => {
                 progress(&format!(
                     "scale {count} drivers: {:.0} KiB RSS each, started in {:.2} s, {} msg/s \
-                     (raw rumqttc {} msg/s)",
-                    r.rss_per_driver / 1024.0,
-                    r.start_secs,
-                    fmt_rate(r.msgs_per_s),
+                     (own-thread I/O {} msg/s, raw rumqttc {} msg/s)",
+                    r.shared.rss_per_driver / 1024.0,
+                    r.shared.start_secs,
+                    fmt_rate(r.shared.msgs_per_s),
+                    fmt_rate(r.own_msgs_per_s),
                     fmt_rate(r.rumqttc_msgs_per_s)
                 ));
                 results.push(r);
@@ -1464,45 +1532,53 @@ fn scale(opts: &Options, report: &mut Report) {
     }
     let at10 = results
         .iter()
-        .find(|r| r.drivers == 10)
-        .map(|r| (r.msgs_per_s, r.rumqttc_msgs_per_s))
-        .unwrap_or((f64::NAN, f64::NAN));
+        .find(|r| r.shared.drivers == 10)
+        .map(|r| (r.shared.msgs_per_s, r.own_msgs_per_s, r.rumqttc_msgs_per_s))
+        .unwrap_or((f64::NAN, f64::NAN, f64::NAN));
     let mut table = String::from(
         "### Scale: drivers in one process, each with its own Lua VM and MQTT connection, QoS 1 window 20\n\n\
-         | drivers | RSS per driver | RSS total (drivers) | time to start all | aggregate msg/s | vs 10 drivers | raw rumqttc msg/s (as many clients) | rumqttc vs 10 | luadriver / rumqttc |\n\
-         |---|---|---|---|---|---|---|---|---|\n",
+         | drivers | RSS per driver | RSS total (drivers) | time to start all | aggregate msg/s (shared I/O thread) | vs 10 drivers | own-thread I/O msg/s | vs 10 | raw rumqttc msg/s (as many clients) | rumqttc vs 10 | luadriver / rumqttc | Mosquitto CPU µs/msg luadriver / rumqttc |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     let mut rows = Vec::new();
     for r in &results {
-        let ratio = r.msgs_per_s / at10.0;
-        let raw_ratio = r.rumqttc_msgs_per_s / at10.1;
+        let s = &r.shared;
+        let ratio = s.msgs_per_s / at10.0;
+        let own_ratio = r.own_msgs_per_s / at10.1;
+        let raw_ratio = r.rumqttc_msgs_per_s / at10.2;
         let _ = writeln!(
             table,
-            "| {} | {:.0} KiB | {:.1} MiB | {:.2} s | {} | {} | {} | {} | {} |",
-            fmt_rate(r.drivers as f64),
-            r.rss_per_driver / 1024.0,
-            r.rss_per_driver * r.drivers as f64 / (1024.0 * 1024.0),
-            r.start_secs,
-            fmt_rate(r.msgs_per_s),
+            "| {} | {:.0} KiB | {:.1} MiB | {:.2} s | {} | {} | {} | {} | {} | {} | {} | {:.1} / {:.1} |",
+            fmt_rate(s.drivers as f64),
+            s.rss_per_driver / 1024.0,
+            s.rss_per_driver * s.drivers as f64 / (1024.0 * 1024.0),
+            s.start_secs,
+            fmt_rate(s.msgs_per_s),
             fmt_ratio(ratio),
+            fmt_rate(r.own_msgs_per_s),
+            fmt_ratio(own_ratio),
             fmt_rate(r.rumqttc_msgs_per_s),
             fmt_ratio(raw_ratio),
-            fmt_ratio(r.msgs_per_s / r.rumqttc_msgs_per_s)
+            fmt_ratio(s.msgs_per_s / r.rumqttc_msgs_per_s),
+            r.broker_us.0,
+            r.broker_us.1,
         );
         rows.push(json!({
-            "drivers": r.drivers, "rss_per_driver_bytes": r.rss_per_driver,
-            "start_secs": r.start_secs, "msgs_per_s": r.msgs_per_s, "ratio_vs_10": ratio,
+            "drivers": s.drivers, "rss_per_driver_bytes": s.rss_per_driver,
+            "start_secs": s.start_secs, "msgs_per_s": s.msgs_per_s, "ratio_vs_10": ratio,
+            "own_thread_msgs_per_s": r.own_msgs_per_s, "own_thread_ratio_vs_10": own_ratio,
             "rumqttc_msgs_per_s": r.rumqttc_msgs_per_s, "rumqttc_ratio_vs_10": raw_ratio,
+            "broker_cpu_us_per_msg": r.broker_us.0, "broker_cpu_us_per_msg_rumqttc": r.broker_us.1,
         }));
-        if r.drivers == 1000 {
-            let rss = r.rss_per_driver * 1000.0;
+        if s.drivers == 1000 {
+            let rss = s.rss_per_driver * 1000.0;
             report.target(
                 "1,000 drivers under 1 GiB RSS".into(),
                 Some(rss < 1024.0 * 1024.0 * 1024.0),
             );
             report.target(
                 "1,000 drivers started in < 3 s".into(),
-                Some(r.start_secs < 3.0),
+                Some(s.start_secs < 3.0),
             );
             report.target(
                 "aggregate msg/s at 1,000 ≥ 0.8x at 10".into(),
@@ -1514,7 +1590,10 @@ fn scale(opts: &Options, report: &mut Report) {
         table,
         "\nEach run publishes {} messages in total, split over its drivers (at least 100 each). \
          Each case runs in a fresh child process; RSS is its growth from before the first driver to all connected. \
-         Raw rumqttc runs as many clients on one current-thread runtime, publishing the same messages.",
+         The drivers' MQTT runs on the process's shared I/O thread (`IoThread::Shared`, the placement for a host \
+         with many drivers); the own-thread column runs the same drivers with their MQTT on their own threads \
+         (`IoThread::Own`, the default). Raw rumqttc runs as many clients on one current-thread runtime, \
+         publishing the same messages. The last column is the broker's CPU time per message.",
         fmt_rate(total as f64)
     );
     report.tables.push(table);
@@ -1547,7 +1626,7 @@ fn machine() -> (String, String, String) {
 }
 
 fn main() {
-    // `--scale-child COUNT PORT PER_DRIVER`: one scale case in a fresh process, so its RSS
+    // `--scale-child COUNT PORT PER_DRIVER own|shared`: one scale case in a fresh process, so its RSS
     // is the drivers' own and not memory left over from earlier sections.
     let args: Vec<String> = std::env::args().collect();
     if let Some(i) = args.iter().position(|a| a == "--scale-child") {
@@ -1555,12 +1634,20 @@ fn main() {
             args.get(i + k)
                 .and_then(|a| a.parse().ok())
                 .unwrap_or_else(|| {
-                    eprintln!("--scale-child COUNT PORT PER_DRIVER");
+                    eprintln!("--scale-child COUNT PORT PER_DRIVER own|shared");
                     std::process::exit(2)
                 })
         };
+        let io = match args.get(i + 4).map(String::as_str) {
+            Some("own") => IoThread::Own,
+            Some("shared") => IoThread::Shared,
+            _ => {
+                eprintln!("--scale-child COUNT PORT PER_DRIVER own|shared");
+                std::process::exit(2)
+            }
+        };
         let mut host = Host::new();
-        match scale_run(&mut host, num(2) as u16, num(1), num(3)) {
+        match scale_run(&mut host, num(2) as u16, num(1), num(3), io) {
             Ok(r) => {
                 println!(
                     "SCALE {} {} {} {}",

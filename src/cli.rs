@@ -3,7 +3,7 @@
 //! In: the process arguments. Out: an exit code (0 fine, 1 a driver or runtime failure,
 //! 2 a usage error) and messages on stderr that say what to do next.
 
-use crate::driver::{self, DriverEvent, DriverNotice, DriverSpec, InitType};
+use crate::driver::{self, DriverEvent, DriverNotice, DriverSpec, InitType, IoThread};
 use clap::{Parser, Subcommand};
 use crossbeam_channel::{Receiver, select};
 use std::path::PathBuf;
@@ -150,6 +150,7 @@ fn run(args: RunArgs) -> ExitCode {
         properties: args.props,
         init_type: InitType::Adding,
         persist_path: args.persist,
+        io: IoThread::Own,
     };
     let handle = match driver::spawn(spec, notices_tx) {
         Ok(h) => h,

@@ -7,11 +7,12 @@
 //! Each test's driver loads `SAY` and `HARNESS`: every callback reports through `C4:FireEvent`, and
 //! the test runs Lua snippets in the driver with `ExecuteCommand("LUA", {code = ...})`.
 
+#[macro_use]
 mod common;
 
 use common::drivers::{SAY, TestDriver};
 use common::mosquitto::{Mosquitto, MosquittoConfig};
-use luadriver::driver::DriverEvent;
+use luadriver::driver::{DriverEvent, IoThread};
 use std::collections::HashMap;
 
 const HARNESS: &str = r#"
@@ -52,8 +53,14 @@ struct Session {
 
 impl Session {
     fn start(broker_port: u16, setup: &str) -> Session {
+        Self::start_in(IoThread::Own, broker_port, setup)
+    }
+
+    /// A session whose MQTT runs on the given I/O thread.
+    fn start_in(io: IoThread, broker_port: u16, setup: &str) -> Session {
         let source = format!("{SAY}\n{HARNESS}\n{setup}");
-        let driver = TestDriver::start_with(&source, &[], &[("port", &broker_port.to_string())]);
+        let port = broker_port.to_string();
+        let driver = TestDriver::start_placed(&source, &[], &[("port", &port)], io);
         Session { driver }
     }
 
@@ -92,11 +99,12 @@ fn mosquitto() -> Option<Mosquitto> {
     Mosquitto::available().then(Mosquitto::start)
 }
 
-#[test]
-fn qos_0_1_2_each_get_exactly_one_on_publish_and_reach_a_subscriber() {
+on_either_io_thread!(qos_0_1_2_each_get_exactly_one_on_publish_and_reach_a_subscriber);
+fn qos_0_1_2_each_get_exactly_one_on_publish_and_reach_a_subscriber(io: IoThread) {
     let Some(broker) = mosquitto() else { return };
     for version in ["311", "5"] {
-        let s = Session::start(
+        let s = Session::start_in(
+            io,
             broker.port,
             &format!(
                 r#"
@@ -296,10 +304,11 @@ fn wrong_password_and_closed_port_are_reported_by_on_connect() {
     );
 }
 
-#[test]
-fn disconnect_reconnect_and_queued_messages() {
+on_either_io_thread!(disconnect_reconnect_and_queued_messages);
+fn disconnect_reconnect_and_queued_messages(io: IoThread) {
     let Some(broker) = mosquitto() else { return };
-    let s = Session::start(
+    let s = Session::start_in(
+        io,
         broker.port,
         r#"
         local sub = client("sub"); sub:OnConnect(function(o) o:Subscribe("q/#", 1) end); sub:Connect("127.0.0.1", PORT)
@@ -418,12 +427,13 @@ fn tls_with_a_test_ca_connects_and_bad_files_fail_at_once() {
     );
 }
 
-#[test]
-fn every_accepted_publish_gets_exactly_one_on_publish_across_broker_restarts() {
+on_either_io_thread!(every_accepted_publish_gets_exactly_one_on_publish_across_broker_restarts);
+fn every_accepted_publish_gets_exactly_one_on_publish_across_broker_restarts(io: IoThread) {
     let Some(mut broker) = mosquitto() else {
         return;
     };
-    let s = Session::start(
+    let s = Session::start_in(
+        io,
         broker.port,
         r#"
         counts, accepted, done = {}, 0, 0
@@ -484,6 +494,7 @@ fn the_example_sensor_publishes_json_state_through_the_embedded_broker() {
         package,
         tempfile::tempdir().unwrap(),
         &[("Broker Port", &port), ("Publish Interval (ms)", "100")],
+        IoThread::Own,
     );
     let watcher = Session::start(
         broker.port(),
@@ -502,11 +513,12 @@ fn the_example_sensor_publishes_json_state_through_the_embedded_broker() {
     drop(sensor);
 }
 
-#[test]
-fn the_will_is_published_when_the_link_drops_without_disconnect() {
+on_either_io_thread!(the_will_is_published_when_the_link_drops_without_disconnect);
+fn the_will_is_published_when_the_link_drops_without_disconnect(io: IoThread) {
     let Some(broker) = mosquitto() else { return };
     let proxy = common::proxy::FaultProxy::start(broker.port);
-    let s = Session::start(
+    let s = Session::start_in(
+        io,
         broker.port,
         &format!(
             r#"
@@ -581,11 +593,12 @@ fn unsubscribe_and_log_callbacks_fire() {
     assert_eq!(s.wait("c unsubscribed"), "c unsubscribed 2");
 }
 
-#[test]
-fn a_collected_client_object_closes_its_connection() {
+on_either_io_thread!(a_collected_client_object_closes_its_connection);
+fn a_collected_client_object_closes_its_connection(io: IoThread) {
     let Some(broker) = mosquitto() else { return };
     let proxy = common::proxy::FaultProxy::start(broker.port);
-    let s = Session::start(
+    let s = Session::start_in(
+        io,
         proxy.port,
         r#"
         do
@@ -606,11 +619,12 @@ fn a_collected_client_object_closes_its_connection() {
     );
 }
 
-#[test]
-fn stopping_a_driver_closes_its_connections() {
+on_either_io_thread!(stopping_a_driver_closes_its_connections);
+fn stopping_a_driver_closes_its_connections(io: IoThread) {
     let Some(broker) = mosquitto() else { return };
     let proxy = common::proxy::FaultProxy::start(broker.port);
-    let s = Session::start(
+    let s = Session::start_in(
+        io,
         proxy.port,
         r#"local c = client("c"); c:Connect("127.0.0.1", PORT)"#,
     );
@@ -624,11 +638,12 @@ fn stopping_a_driver_closes_its_connections() {
     );
 }
 
-#[test]
-fn a_stopping_driver_disconnects_cleanly_so_its_will_is_not_published() {
+on_either_io_thread!(a_stopping_driver_disconnects_cleanly_so_its_will_is_not_published);
+fn a_stopping_driver_disconnects_cleanly_so_its_will_is_not_published(io: IoThread) {
     let Some(broker) = mosquitto() else { return };
     let proxy = common::proxy::FaultProxy::start(broker.port);
-    let watcher = Session::start(
+    let watcher = Session::start_in(
+        io,
         broker.port,
         r#"
         local w = client("watcher")
@@ -637,7 +652,8 @@ fn a_stopping_driver_disconnects_cleanly_so_its_will_is_not_published() {
         "#,
     );
     watcher.wait("watcher subscribed");
-    let dying = Session::start(
+    let dying = Session::start_in(
+        io,
         proxy.port,
         r#"
         local d = client("dying")
@@ -646,8 +662,8 @@ fn a_stopping_driver_disconnects_cleanly_so_its_will_is_not_published() {
         "#,
     );
     dying.wait("dying connect 0");
-    // The workers run on the driver's thread: the stop must still let them send DISCONNECT
-    // (a dropped runtime would just close the socket, and the broker publish the will).
+    // The stop must let the workers send DISCONNECT before it reports the driver stopped
+    // (a dropped runtime or a closed socket alone would make the broker publish the will).
     dying.driver.stop();
     assert!(
         common::wait_until(std::time::Duration::from_secs(10), || proxy.connections()
@@ -672,7 +688,8 @@ fn a_long_callback_streams_its_publishes_before_it_returns() {
     );
     s.wait("c connect 0");
     // Publishes are handed over in batches, and the worker, which shares the driver's
-    // thread, gets a turn at each: messages leave while the callback still runs.
+    // thread, gets a turn at each: messages leave while the callback still runs. (On the
+    // shared I/O thread the worker runs beside the callback: see the test after this one.)
     s.lua(
         r#"
         for i = 1, 1000 do clients.c:Publish("stream/x", "m", 1) end
@@ -686,6 +703,100 @@ fn a_long_callback_streams_its_publishes_before_it_returns() {
         let e = s.wait("c published");
         assert!(e.ends_with(" 0"), "{e}");
         published += 1;
+    }
+}
+
+#[test]
+fn on_the_shared_io_thread_a_long_callback_does_not_hold_its_connection() {
+    let Some(broker) = mosquitto() else { return };
+    let s = Session::start_in(
+        IoThread::Shared,
+        broker.port,
+        r#"local c = client("c"); c:Connect("127.0.0.1", PORT)"#,
+    );
+    s.wait("c connect 0");
+    // 256 publishes are handed over inside the callback; the callback then spins without
+    // publishing. On the shared thread the worker sends them and takes their acks
+    // meanwhile (on the driver's own thread, the acks would wait for the callback to end).
+    s.lua(
+        r#"
+        for i = 1, 256 do clients.c:Publish("busy/x", "m", 1) end
+        local t = os.clock()
+        while clients.c:GetStats().acknowledged < 256 and os.clock() - t < 5 do end
+        say("inside", clients.c:GetStats().acknowledged)
+        "#,
+    );
+    assert_eq!(s.wait("inside"), "inside 256");
+    for _ in 0..256 {
+        let e = s.wait("c published");
+        assert!(e.ends_with(" 0"), "{e}");
+    }
+}
+
+/// Publishes batches and counts `OnPublish` per message id; `report()` says
+/// `report accepted once twice missing`.
+const COUNTING_PUBLISHER: &str = r#"
+counts, accepted, done = {}, 0, 0
+local c = C4:MQTT()
+c:SetAutoReconnect(50, 500)
+c:OnConnect(function(_, rc) say("connect", rc) end)
+c:OnDisconnect(function(_, rc) say("disconnect", rc) end)
+c:OnPublish(function(_, id, rc)
+  counts[id] = (counts[id] or 0) + 1
+  done = done + 1
+  if done == accepted and finished_publishing then say("all done") end
+end)
+c:Connect("127.0.0.1", PORT, 5)
+function publish_batch(n, qos)
+  for i = 1, n do
+    local code, id = c:Publish("shared/" .. qos, tostring(i), qos)
+    if code == 0 then accepted = accepted + 1 end
+  end
+end
+function finish()
+  finished_publishing = true
+  if done == accepted then say("all done") end
+end
+function report()
+  local once, twice, missing = 0, 0, 0
+  for id = 1, accepted do
+    local n = counts[id] or 0
+    if n == 1 then once = once + 1 elseif n == 0 then missing = missing + 1 else twice = twice + 1 end
+  end
+  say("report", accepted, once, twice, missing)
+end
+"#;
+
+#[test]
+fn drivers_sharing_the_io_thread_each_get_exactly_one_on_publish_across_a_broker_restart() {
+    let Some(mut broker) = mosquitto() else {
+        return;
+    };
+    let drivers: Vec<Session> = (0..24)
+        .map(|_| Session::start_in(IoThread::Shared, broker.port, COUNTING_PUBLISHER))
+        .collect();
+    for d in &drivers {
+        assert_eq!(d.wait("connect"), "connect 0");
+    }
+    for d in &drivers {
+        d.lua("publish_batch(300, 1) publish_batch(100, 2) say('batch')");
+    }
+    for d in &drivers {
+        d.wait("batch");
+    }
+    broker.kill();
+    for d in &drivers {
+        d.wait("disconnect");
+    }
+    broker.restart();
+    for d in &drivers {
+        assert_eq!(d.wait("connect 0"), "connect 0");
+        d.lua("publish_batch(200, 1) publish_batch(50, 2) finish()");
+    }
+    for d in &drivers {
+        d.wait("all done");
+        d.lua("report()");
+        assert_eq!(d.wait("report"), "report 650 650 0 0");
     }
 }
 

@@ -4,12 +4,13 @@
 //! accepted Publish must get exactly one OnPublish. Also: a black-holed link is noticed
 //! within two keep-alive periods and its in-flight messages survive for Reconnect.
 
+#[macro_use]
 mod common;
 
 use common::drivers::{SAY, TestDriver};
 use common::mosquitto::{Mosquitto, MosquittoConfig};
 use common::proxy::FaultProxy;
-use luadriver::driver::DriverEvent;
+use luadriver::driver::{DriverEvent, IoThread};
 use std::time::{Duration, Instant};
 
 const QOS1: usize = 20_000;
@@ -148,14 +149,15 @@ fn final_report(publisher: &TestDriver) {
     );
 }
 
-#[test]
-fn exactly_one_on_publish_each_while_the_broker_is_killed_three_times() {
+on_either_io_thread!(exactly_one_on_publish_each_while_the_broker_is_killed_three_times);
+fn exactly_one_on_publish_each_while_the_broker_is_killed_three_times(io: IoThread) {
     let Some(mut broker) = chaos_broker() else {
         return;
     };
     let rss_before = rss_kib();
     let port = broker.port.to_string();
-    let publisher = TestDriver::start_with(&format!("{SAY}\n{PUBLISHER}"), &[], &[("port", &port)]);
+    let publisher =
+        TestDriver::start_placed(&format!("{SAY}\n{PUBLISHER}"), &[], &[("port", &port)], io);
     assert_eq!(wait(&publisher, "connect"), "connect 0");
     for batch in 1..=3 {
         publish_batch(&publisher, batch);
@@ -171,8 +173,12 @@ fn exactly_one_on_publish_each_while_the_broker_is_killed_three_times() {
     assert!(grown_mib < 256, "RSS grew by {grown_mib} MiB");
 }
 
-#[test]
-fn exactly_one_on_publish_each_and_every_ack_delivered_through_cuts_resets_and_a_black_hole() {
+on_either_io_thread!(
+    exactly_one_on_publish_each_and_every_ack_delivered_through_cuts_resets_and_a_black_hole
+);
+fn exactly_one_on_publish_each_and_every_ack_delivered_through_cuts_resets_and_a_black_hole(
+    io: IoThread,
+) {
     let Some(broker) = chaos_broker() else { return };
     let proxy = FaultProxy::start(broker.port);
     let subscriber = TestDriver::start_with(
@@ -181,10 +187,11 @@ fn exactly_one_on_publish_each_and_every_ack_delivered_through_cuts_resets_and_a
         &[("port", &broker.port.to_string())],
     );
     wait(&subscriber, "subscribed");
-    let publisher = TestDriver::start_with(
+    let publisher = TestDriver::start_placed(
         &format!("{SAY}\n{PUBLISHER}"),
         &[],
         &[("port", &proxy.port.to_string())],
+        io,
     );
     assert_eq!(wait(&publisher, "connect"), "connect 0");
 

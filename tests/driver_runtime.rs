@@ -400,7 +400,7 @@ fn json_encodes_and_decodes_with_c4_semantics_and_rejects_bad_input() {
 
 #[test]
 fn persisted_values_survive_a_restart_when_backed_by_a_file() {
-    use luadriver::driver::{DriverSpec, InitType};
+    use luadriver::driver::{DriverSpec, InitType, IoThread};
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("persist.json");
     let source = format!(
@@ -427,6 +427,7 @@ fn persisted_values_survive_a_restart_when_backed_by_a_file() {
             properties: vec![],
             init_type: InitType::Startup,
             persist_path: Some(store.clone()),
+            io: IoThread::Own,
         };
         let handle = luadriver::driver::spawn(spec, tx).unwrap();
         handle.send(DriverEvent::LateInit);
@@ -486,7 +487,12 @@ fn a_c4z_package_loads_its_xml_properties_config_and_modules() {
 
     let package = luadriver::package::load(&path).unwrap();
     assert_eq!(package.name, "Zipped Demo");
-    let d = TestDriver::start_package(package, dir, &[("Level", "5")]);
+    let d = TestDriver::start_package(
+        package,
+        dir,
+        &[("Level", "5")],
+        luadriver::driver::IoThread::Own,
+    );
     d.expect(&["Zipped Demo 12 Acme nil", "Blue 5 42"]);
 }
 

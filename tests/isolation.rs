@@ -9,7 +9,7 @@
 
 use crossbeam_channel::Receiver;
 use luadriver::driver::{
-    self, DriverEvent, DriverHandle, DriverLimits, DriverNotice, DriverSpec, InitType,
+    self, DriverEvent, DriverHandle, DriverLimits, DriverNotice, DriverSpec, InitType, IoThread,
 };
 use mlua::{HookTriggers, Lua, LuaOptions, StdLib, VmState};
 use std::sync::Arc;
@@ -58,6 +58,7 @@ fn load(body: &str, limits: DriverLimits) -> (Driver, DriverNotice) {
         properties: vec![],
         init_type: InitType::Adding,
         persist_path: None,
+        io: IoThread::Own,
     };
     let handle = driver::spawn_with_limits(spec, limits, tx).expect("spawn driver");
     let first = notices.recv_timeout(WAIT).expect("a load notice");

@@ -61,7 +61,8 @@ impl DriverLoop {
         let package = std::sync::Arc::new(spec.package);
         let name = package.name.clone();
         let io = Rc::new(
-            DriverIo::new().map_err(|e| format!("{name}: cannot start the driver's I/O: {e}"))?,
+            DriverIo::new(spec.io)
+                .map_err(|e| format!("{name}: cannot start the driver's I/O: {e}"))?,
         );
         let finder = std::sync::Arc::clone(&package);
         let lua = sandbox::new_state(Box::new(move |module| finder.find_module(module)))

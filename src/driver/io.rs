@@ -1,30 +1,44 @@
-//! The driver thread's own I/O: a current-thread tokio runtime on which the driver's MQTT
-//! workers run, while the driver waits for its next event and, in a long callback, at
-//! every batch of publishes handed over.
+//! The driver thread's own I/O: a current-thread tokio runtime on which the driver waits
+//! for its next event and timer, and on which its MQTT workers run when the driver is
+//! placed on its own thread ([`IoThread::Own`]): while the driver waits and, in a long
+//! callback, at every batch of publishes handed over. Placed on the shared I/O thread
+//! ([`IoThread::Shared`], see [`super::shared_io`]), the workers run there instead.
 //!
 //! In: the driver's event receiver and its next timer deadline. Out: the next
 //! [`DriverEvent`] (or word that the deadline passed, or that every sender is gone), with
-//! the workers' socket work done in between.
+//! the workers' socket work done in between when they are here.
 //!
-//! Why here and not on a shared I/O thread: a publish, its ack and the `OnPublish` they
-//! lead to then never cross a thread. On a shared runtime each round trip paid two
-//! cross-thread wake-ups (Lua → I/O → Lua), and the two busy threads of one driver took
+//! Why the driver's own thread by default: a publish, its ack and the `OnPublish` they
+//! lead to then never cross a thread. On a shared runtime each round trip pays two
+//! cross-thread wake-ups (Lua → I/O → Lua), and the two busy threads of one driver take
 //! CPU from the broker on small machines; a single-threaded client pays neither. The price:
 //! a callback that runs for a long time without publishing holds its connection's I/O
 //! too (acks wait in the socket, keep-alive pings are late — after 1.5 × the keep-alive the
 //! broker drops the link, and the messages in flight are resent on reconnect, none lost).
+//! Many busy drivers are better served by the shared thread: see [`super::shared_io`].
 
 use super::event::{DriverEvent, EventReceiver};
+use super::shared_io;
 use crate::mqtt::{self, EventSink, MqttHandle};
 use std::cell::Cell;
 use std::time::{Duration, Instant};
-use tokio::runtime::{Builder, Runtime};
+use tokio::runtime::{Builder, Handle, Runtime};
 use tokio::sync::mpsc::error::TryRecvError;
 use tokio_util::task::TaskTracker;
 
 /// Events handled back to back before the workers get a turn even if more are waiting:
 /// events from the host must not starve the sockets.
 const EVENTS_PER_TURN: u32 = 64;
+
+/// Where a driver's MQTT workers run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum IoThread {
+    /// On the driver's own thread: fastest for one driver, or a few.
+    #[default]
+    Own,
+    /// On the process's shared I/O thread: for a host with many busy drivers.
+    Shared,
+}
 
 /// What [`DriverIo::next_event`] brought.
 pub enum Next {
@@ -35,9 +49,11 @@ pub enum Next {
     Closed,
 }
 
-/// One driver's runtime and the MQTT workers spawned on it.
+/// One driver's runtime, and its MQTT workers wherever they run.
 pub struct DriverIo {
     rt: Runtime,
+    /// The shared I/O thread's runtime, when the workers run there.
+    shared: Option<Handle>,
     workers: TaskTracker,
     /// Events handled since the workers last had a turn.
     since_turn: Cell<u32>,
@@ -46,30 +62,44 @@ pub struct DriverIo {
 }
 
 impl DriverIo {
-    pub fn new() -> std::io::Result<DriverIo> {
+    pub fn new(placement: IoThread) -> std::io::Result<DriverIo> {
         let rt = Builder::new_current_thread().enable_all().build()?;
+        let shared = match placement {
+            IoThread::Own => None,
+            IoThread::Shared => Some(shared_io::handle()?),
+        };
         Ok(DriverIo {
             rt,
+            shared,
             workers: TaskTracker::new(),
             since_turn: Cell::new(0),
             wants_turn: Cell::new(false),
         })
     }
 
-    /// Starts an MQTT client's worker on this runtime; `finish` waits for it.
+    /// Starts an MQTT client's worker where this driver's workers run; `finish` waits
+    /// for it.
     pub fn spawn_client(&self, sink: EventSink) -> MqttHandle {
-        mqtt::spawn_client(self.rt.handle(), &self.workers, sink)
+        let rt = self.shared.as_ref().unwrap_or(self.rt.handle());
+        mqtt::spawn_client(rt, &self.workers, sink)
     }
 
     /// Notes that commands were handed to a worker: it gets a turn before the next event.
+    /// (On the shared thread the hand-over itself woke it.)
     pub fn wake_workers(&self) {
-        self.wants_turn.set(true);
+        if self.shared.is_none() {
+            self.wants_turn.set(true);
+        }
     }
 
     /// Lets the workers do what is ready — take commands, write, read what has arrived —
     /// without waiting for anything. Called from inside Lua code that publishes a lot, so
-    /// its messages stream out while it runs; never from inside the runtime.
+    /// its messages stream out while it runs; never from inside the runtime. Nothing to do
+    /// when they run on the shared thread.
     pub fn turn(&self) {
+        if self.shared.is_some() {
+            return;
+        }
         self.since_turn.set(0);
         self.wants_turn.set(false);
         self.rt.block_on(tokio::task::yield_now());

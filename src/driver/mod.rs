@@ -10,11 +10,13 @@ pub mod event;
 mod event_loop;
 pub mod io;
 mod sandbox;
+mod shared_io;
 pub mod timers;
 pub mod watchdog;
 
 pub use event::{ClientKey, DriverEvent, DriverNotice, EventReceiver, EventSender, event_channel};
 pub use event_loop::DriverLoop;
+pub use io::IoThread;
 pub use watchdog::DriverLimits;
 
 use crate::package::DriverPackage;
@@ -51,6 +53,9 @@ pub struct DriverSpec {
     pub init_type: InitType,
     /// Where `C4:Persist*` values are kept across restarts; `None` keeps them in memory.
     pub persist_path: Option<std::path::PathBuf>,
+    /// Where the driver's MQTT connections do their socket work: its own thread, or the
+    /// process's shared I/O thread (for a host with many busy drivers).
+    pub io: IoThread,
 }
 
 /// The host's side of a running driver.

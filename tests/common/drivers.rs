@@ -2,7 +2,9 @@
 //! `C4:FireEvent(text)`; the test reads those notices in order, each wait bounded.
 
 use crossbeam_channel::Receiver;
-use luadriver::driver::{self, DriverEvent, DriverHandle, DriverNotice, DriverSpec, InitType};
+use luadriver::driver::{
+    self, DriverEvent, DriverHandle, DriverNotice, DriverSpec, InitType, IoThread,
+};
 use luadriver::package::DriverPackage;
 use std::cell::RefCell;
 use std::collections::VecDeque;
@@ -37,6 +39,16 @@ impl TestDriver {
 
     /// Also writes extra files (modules) beside it and sets properties.
     pub fn start_with(source: &str, files: &[(&str, &str)], props: &[(&str, &str)]) -> TestDriver {
+        Self::start_placed(source, files, props, IoThread::Own)
+    }
+
+    /// [`TestDriver::start_with`], its MQTT on the given I/O thread.
+    pub fn start_placed(
+        source: &str,
+        files: &[(&str, &str)],
+        props: &[(&str, &str)],
+        io: IoThread,
+    ) -> TestDriver {
         let dir = tempfile::tempdir().expect("temp dir");
         std::fs::write(dir.path().join("driver.lua"), source).expect("write driver");
         for (name, text) in files {
@@ -48,13 +60,14 @@ impl TestDriver {
         }
         let package =
             luadriver::package::load(&dir.path().join("driver.lua")).expect("load package");
-        Self::start_package(package, dir, props)
+        Self::start_package(package, dir, props, io)
     }
 
     pub fn start_package(
         package: DriverPackage,
         dir: tempfile::TempDir,
         props: &[(&str, &str)],
+        io: IoThread,
     ) -> TestDriver {
         let (tx, notices) = crossbeam_channel::unbounded();
         let spec = DriverSpec {
@@ -66,6 +79,7 @@ impl TestDriver {
                 .collect(),
             init_type: InitType::Adding,
             persist_path: None,
+            io,
         };
         let handle = driver::spawn(spec, tx).expect("spawn driver");
         let d = TestDriver {

@@ -1,6 +1,25 @@
 //! Shared support for integration tests: real brokers on ephemeral loopback ports.
 #![allow(dead_code)]
 
+/// A test run twice: with the driver's MQTT on its own thread (`…::own_thread`) and on the
+/// process's shared I/O thread (`…::shared_thread`). The test is `fn name(io: IoThread)`.
+#[allow(unused_macros)]
+macro_rules! on_either_io_thread {
+    ($name:ident) => {
+        mod $name {
+            use luadriver::driver::IoThread;
+            #[test]
+            fn own_thread() {
+                super::$name(IoThread::Own)
+            }
+            #[test]
+            fn shared_thread() {
+                super::$name(IoThread::Shared)
+            }
+        }
+    };
+}
+
 pub mod certs;
 pub mod drivers;
 pub mod mosquitto;
