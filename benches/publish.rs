@@ -1126,17 +1126,27 @@ const RTT_ROUNDS: usize = 10;
 /// round to the next depending on where the threads happened to land. So both clients
 /// run on CPU 0 and the broker on CPU 1, and each client meets the same case.
 struct Pinning {
-    /// Threads and processes to give back every CPU at the end.
+    /// Threads and processes to give back their CPUs at the end.
     pinned: Vec<i32>,
+    /// The CPUs this process ran on before: `available_parallelism` counts only those of
+    /// the calling thread, so once it is pinned it would say 1.
+    before: Option<libc::cpu_set_t>,
     client_cpu: Option<usize>,
 }
 
 impl Pinning {
     fn for_round_trip(b: &BrokerUnderTest) -> Pinning {
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-        if cpus < 2 {
+        // SAFETY: `set` is a plain bit set whose size is passed along with it.
+        let before = unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            (libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) == 0)
+                .then_some(set)
+        };
+        if cpus < 2 || before.is_none() {
             return Pinning {
                 pinned: Vec::new(),
+                before: None,
                 client_cpu: None,
             };
         }
@@ -1151,6 +1161,7 @@ impl Pinning {
         broker.push(0);
         Pinning {
             pinned: broker,
+            before,
             client_cpu: Some(0),
         }
     }
@@ -1162,10 +1173,12 @@ impl Pinning {
 
 impl Drop for Pinning {
     fn drop(&mut self) {
-        let all: Vec<usize> =
-            (0..std::thread::available_parallelism().map_or(1, |n| n.get())).collect();
+        let Some(before) = &self.before else { return };
         for &tid in &self.pinned {
-            set_affinity(tid, &all);
+            // SAFETY: as in `set_affinity`.
+            unsafe {
+                libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), before);
+            }
         }
     }
 }

@@ -480,8 +480,10 @@ fn every_accepted_publish_gets_exactly_one_on_publish_across_broker_restarts(io:
     assert_eq!(s.wait("report"), "report 2700 2700 0 0");
 }
 
-#[test]
-fn the_example_sensor_publishes_json_state_through_the_embedded_broker() {
+// Its readings come from a repeating timer: on the shared thread, the driver's own runtime
+// keeps only timers.
+on_either_io_thread!(the_example_sensor_publishes_json_state_through_the_embedded_broker);
+fn the_example_sensor_publishes_json_state_through_the_embedded_broker(io: IoThread) {
     let broker = luadriver::broker::EmbeddedBroker::start("127.0.0.1:0".parse().unwrap())
         .expect("embedded broker");
     let port = broker.port().to_string();
@@ -494,7 +496,7 @@ fn the_example_sensor_publishes_json_state_through_the_embedded_broker() {
         package,
         tempfile::tempdir().unwrap(),
         &[("Broker Port", &port), ("Publish Interval (ms)", "100")],
-        IoThread::Own,
+        io,
     );
     let watcher = Session::start(
         broker.port(),
