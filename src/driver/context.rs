@@ -20,7 +20,7 @@ pub struct DriverInfo {
     pub events_tx: EventSender,
     /// To the host: `C4:FireEvent` and lifecycle notices.
     pub notices: Option<Sender<DriverNotice>>,
-    /// The driver thread's runtime, where its MQTT workers run.
+    /// The driver thread's runtime, and where its MQTT workers run.
     pub io: Rc<DriverIo>,
 }
 

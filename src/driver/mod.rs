@@ -1,4 +1,5 @@
-//! One driver = one Lua state = one event loop on its own OS thread.
+//! One driver = one Lua state = one event loop on its own OS thread; its MQTT connections
+//! on that thread or on the process's shared I/O thread ([`IoThread`]).
 //!
 //! In: a [`DriverSpec`] and [`DriverEvent`]s through its [`DriverHandle`]. Out:
 //! [`DriverNotice`]s to the host, and whatever the driver does through `C4`.

@@ -9,10 +9,11 @@
 //! driver thread that does its own socket work is woken once per ack, and every wake-up is
 //! a context switch into a cold thread. One thread serving every connection takes all the
 //! sockets that are ready in one `epoll_wait`, as a single rumqttc runtime with many clients
-//! does. Measured with 1,000 drivers publishing QoS 1 to Mosquitto on 2 cores: 36–44k
-//! msg/s with each driver's I/O on its own thread, 97–122k on the shared thread (raw
-//! rumqttc, 1,000 clients on one runtime: 98k). For a lone driver the own thread is
-//! faster (no thread between `Publish` and the socket), which is why that stays the default.
+//! does. Measured with 1,000 drivers publishing QoS 1 to Mosquitto on 2 cores
+//! (`cargo bench --bench publish -- --only scale`): 36–44k msg/s with each driver's I/O
+//! on its own thread, 92–130k on the shared thread (raw rumqttc, 1,000 clients on one
+//! runtime, 139–174k). For a lone driver the own thread is faster (no thread between
+//! `Publish` and the socket), which is why that stays the default.
 //!
 //! One thread, not a pool: on the small machines this runs on, the broker often shares the
 //! cores, and one thread doing all the socket work leaves it the most room. Its ceiling is

@@ -1,5 +1,5 @@
 //! The MQTT client behind `C4:MQTT`: one worker task per client object, on the runtime of
-//! the driver that made it (see `driver::io`).
+//! the driver that made it or on the shared I/O thread (see `driver::io`).
 //!
 //! Lua thread → [`MqttCommand`] → worker → broker → ack → [`MqttEvent`] → driver loop.
 //!

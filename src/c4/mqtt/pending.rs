@@ -1,8 +1,9 @@
 //! Publishes held until the Lua code that made them returns to the driver loop.
 //!
-//! The workers run on the driver's own thread (`driver::io`), so nothing a `Publish` hands
-//! over moves before Lua returns anyway; holding them here makes `Publish` an append, and
-//! the hand-over one batch per callback. The loop calls [`flush`] when Lua returns; a long
+//! Workers on the driver's own thread (`driver::io`) could not move anything a `Publish`
+//! hands over before Lua returns anyway; on the shared I/O thread they could, but would be
+//! woken once per publish. Holding them here makes `Publish` an append, and the hand-over
+//! one batch (one wake-up) per callback. The loop calls [`flush`] when Lua returns; a long
 //! loop of publishes hands each [`FLUSH_AT`] over and gives the workers a turn, so its
 //! messages stream out (and acks come in) while it runs. Any other command flushes first,
 //! so each client's commands keep their order.
