@@ -89,6 +89,14 @@ impl Session {
         found.into_iter().flatten().collect()
     }
 
+    /// Waits for `n` `OnPublish` of client `name`, each with reason code 0.
+    fn wait_published_ok(&self, name: &str, n: usize) {
+        for _ in 0..n {
+            let e = self.wait(&format!("{name} published"));
+            assert!(e.ends_with(" 0"), "{e}");
+        }
+    }
+
     /// Waits for an event starting with `prefix`; returns it.
     fn wait(&self, prefix: &str) -> String {
         self.driver.wait_for(|e| e.starts_with(prefix)).0
@@ -427,43 +435,46 @@ fn tls_with_a_test_ca_connects_and_bad_files_fail_at_once() {
     );
 }
 
+/// Publishes batches and counts `OnPublish` per message id; `report()` says
+/// `report accepted once twice missing`.
+const COUNTING_PUBLISHER: &str = r#"
+counts, accepted, done = {}, 0, 0
+local c = C4:MQTT()
+c:SetAutoReconnect(50, 500)
+c:OnConnect(function(_, rc) say("connect", rc) end)
+c:OnDisconnect(function(_, rc) say("disconnect", rc) end)
+c:OnPublish(function(_, id, rc)
+  counts[id] = (counts[id] or 0) + 1
+  done = done + 1
+  if done == accepted and finished_publishing then say("all done") end
+end)
+c:Connect("127.0.0.1", PORT, 5)
+function publish_batch(n, qos)
+  for i = 1, n do
+    local code, id = c:Publish("counted/" .. qos, tostring(i), qos)
+    if code == 0 then accepted = accepted + 1 end
+  end
+end
+function finish()
+  finished_publishing = true
+  if done == accepted then say("all done") end
+end
+function report()
+  local once, twice, missing = 0, 0, 0
+  for id = 1, accepted do
+    local n = counts[id] or 0
+    if n == 1 then once = once + 1 elseif n == 0 then missing = missing + 1 else twice = twice + 1 end
+  end
+  say("report", accepted, once, twice, missing)
+end
+"#;
+
 on_either_io_thread!(every_accepted_publish_gets_exactly_one_on_publish_across_broker_restarts);
 fn every_accepted_publish_gets_exactly_one_on_publish_across_broker_restarts(io: IoThread) {
     let Some(mut broker) = mosquitto() else {
         return;
     };
-    let s = Session::start_in(
-        io,
-        broker.port,
-        r#"
-        counts, accepted, done = {}, 0, 0
-        local c = C4:MQTT("restart-" .. PORT)
-        clients.c = c
-        c:SetAutoReconnect(50, 500)
-        c:OnConnect(function(_, rc) say("connect", rc) end)
-        c:OnDisconnect(function(_, rc) say("disconnect", rc) end)
-        c:OnPublish(function(_, id, rc)
-          counts[id] = (counts[id] or 0) + 1
-          done = done + 1
-          if done == accepted and finished_publishing then say("all done") end
-        end)
-        c:Connect("127.0.0.1", PORT, 5)
-        function publish_batch(n, qos)
-          for i = 1, n do
-            local code, id = c:Publish("stress/" .. qos, tostring(i), qos)
-            if code == 0 then accepted = accepted + 1 end
-          end
-        end
-        function report()
-          local once, twice, missing = 0, 0, 0
-          for id = 1, accepted do
-            local n = counts[id] or 0
-            if n == 1 then once = once + 1 elseif n == 0 then missing = missing + 1 else twice = twice + 1 end
-          end
-          say("report", accepted, once, twice, missing)
-        end
-        "#,
-    );
+    let s = Session::start_in(io, broker.port, COUNTING_PUBLISHER);
     assert_eq!(s.wait("connect"), "connect 0");
     for round in 0..3 {
         s.lua("publish_batch(700, 1) publish_batch(200, 2) say('batch')");
@@ -474,7 +485,7 @@ fn every_accepted_publish_gets_exactly_one_on_publish_across_broker_restarts(io:
         let c = s.wait("connect 0");
         assert_eq!(c, "connect 0", "round {round}");
     }
-    s.lua("finished_publishing = true if done == accepted then say('all done') end");
+    s.lua("finish()");
     s.wait("all done");
     s.lua("report()");
     assert_eq!(s.wait("report"), "report 2700 2700 0 0");
@@ -700,12 +711,7 @@ fn a_long_callback_streams_its_publishes_before_it_returns() {
         "#,
     );
     assert_eq!(s.wait("inside"), "inside true 1000");
-    let mut published = 0;
-    while published < 1000 {
-        let e = s.wait("c published");
-        assert!(e.ends_with(" 0"), "{e}");
-        published += 1;
-    }
+    s.wait_published_ok("c", 1000);
 }
 
 #[test]
@@ -729,45 +735,8 @@ fn on_the_shared_io_thread_a_long_callback_does_not_hold_its_connection() {
         "#,
     );
     assert_eq!(s.wait("inside"), "inside 256");
-    for _ in 0..256 {
-        let e = s.wait("c published");
-        assert!(e.ends_with(" 0"), "{e}");
-    }
+    s.wait_published_ok("c", 256);
 }
-
-/// Publishes batches and counts `OnPublish` per message id; `report()` says
-/// `report accepted once twice missing`.
-const COUNTING_PUBLISHER: &str = r#"
-counts, accepted, done = {}, 0, 0
-local c = C4:MQTT()
-c:SetAutoReconnect(50, 500)
-c:OnConnect(function(_, rc) say("connect", rc) end)
-c:OnDisconnect(function(_, rc) say("disconnect", rc) end)
-c:OnPublish(function(_, id, rc)
-  counts[id] = (counts[id] or 0) + 1
-  done = done + 1
-  if done == accepted and finished_publishing then say("all done") end
-end)
-c:Connect("127.0.0.1", PORT, 5)
-function publish_batch(n, qos)
-  for i = 1, n do
-    local code, id = c:Publish("shared/" .. qos, tostring(i), qos)
-    if code == 0 then accepted = accepted + 1 end
-  end
-end
-function finish()
-  finished_publishing = true
-  if done == accepted then say("all done") end
-end
-function report()
-  local once, twice, missing = 0, 0, 0
-  for id = 1, accepted do
-    local n = counts[id] or 0
-    if n == 1 then once = once + 1 elseif n == 0 then missing = missing + 1 else twice = twice + 1 end
-  end
-  say("report", accepted, once, twice, missing)
-end
-"#;
 
 #[test]
 fn drivers_sharing_the_io_thread_each_get_exactly_one_on_publish_across_a_broker_restart() {
