@@ -13,6 +13,7 @@
 
 use super::codes::{reason, reason_code_to_string};
 use super::types::{MsgId, Props, PublishRequest};
+use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
 
 /// The final result of one message.
@@ -21,7 +22,8 @@ pub struct Completion {
     pub msg_id: MsgId,
     /// The broker's reason (0 on MQTT 3.1.1 success); ≥ 128 is a failure.
     pub reason: i32,
-    pub message: String,
+    /// The reason code's text, or what went wrong when luadriver gave up on the message.
+    pub message: Cow<'static, str>,
     pub props: Props,
 }
 
@@ -269,7 +271,7 @@ impl Outbox {
             Some(entry) => AckOutcome::Completed(Completion {
                 msg_id: entry.req.msg_id,
                 reason,
-                message: reason_code_to_string(reason).to_string(),
+                message: Cow::Borrowed(reason_code_to_string(reason)),
                 props,
             }),
             None => AckOutcome::Unknown,
@@ -323,7 +325,7 @@ impl Outbox {
         self.take(pkid).map(|entry| Completion {
             msg_id: entry.req.msg_id,
             reason,
-            message,
+            message: Cow::Owned(message),
             props: Props::default(),
         })
     }

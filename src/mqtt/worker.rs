@@ -210,7 +210,7 @@ impl Worker {
         self.published(Completion {
             msg_id,
             reason: reason::UNSPECIFIED_ERROR,
-            message: format!("QoS 0 message not sent: {why}"),
+            message: format!("QoS 0 message not sent: {why}").into(),
             props: Props::default(),
         });
     }
