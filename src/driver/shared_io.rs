@@ -11,13 +11,13 @@
 //! sockets that are ready in one `epoll_wait`, as a single rumqttc runtime with many clients
 //! does. Measured with 1,000 drivers publishing QoS 1 to Mosquitto on 2 cores
 //! (`cargo bench --bench publish -- --only scale`): 36–44k msg/s with each driver's I/O
-//! on its own thread, 92–130k on the shared thread (raw rumqttc, 1,000 clients on one
-//! runtime, 139–174k). For a lone driver the own thread is faster (no thread between
+//! on its own thread, 92–137k on the shared thread (raw rumqttc, 1,000 clients on one
+//! runtime, 139–186k). For a lone driver the own thread is faster (no thread between
 //! `Publish` and the socket), which is why that stays the default.
 //!
 //! One thread, not a pool: on the small machines this runs on, the broker often shares the
-//! cores, and one thread doing all the socket work leaves it the most room. Its ceiling is
-//! one core's worth of socket work, far above what a home's drivers publish.
+//! cores, and raw rumqttc too does best there with all its clients on one thread. Its
+//! ceiling is one core's worth of socket work, far above what a home's drivers publish.
 //!
 //! [`IoThread::Shared`]: super::IoThread::Shared
 
