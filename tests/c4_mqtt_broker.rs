@@ -772,6 +772,56 @@ fn drivers_sharing_the_io_thread_each_get_exactly_one_on_publish_across_a_broker
 }
 
 #[test]
+fn a_driver_stuck_in_a_callback_gets_every_message_once_it_returns() {
+    if !common::mosquitto::Mosquitto::available() {
+        return;
+    }
+    // The broker keeps what the stuck driver's worker leaves unread.
+    let broker = Mosquitto::start_with(MosquittoConfig {
+        extra: vec!["max_queued_messages 0".into()],
+        ..Default::default()
+    });
+    const SENT: usize = 30_000;
+    let stuck = Session::start_in(
+        IoThread::Shared,
+        broker.port,
+        r#"
+        distinct, seen = 0, {}
+        stuck_client = C4:MQTT("stuck-" .. PORT) -- global: a collected client disconnects
+        local s = stuck_client
+        s:OnConnect(function(o) o:Subscribe("counted/#", 1) end)
+        s:OnSubscribe(function() say("subscribed") end)
+        s:OnMessage(function(_, _, _, payload)
+          if not seen[payload] then seen[payload] = true; distinct = distinct + 1 end
+        end)
+        s:Connect("127.0.0.1", PORT)
+        "#,
+    );
+    stuck.wait("subscribed");
+    let publisher = Session::start(broker.port, COUNTING_PUBLISHER);
+    assert_eq!(publisher.wait("connect"), "connect 0");
+    // Stuck until the publisher is done: its worker reads on until the driver is a full
+    // backlog behind, then leaves the rest at the broker.
+    stuck.lua(r#"say("stuck") local t = os.clock() while os.clock() - t < 3 do end"#);
+    stuck.wait("stuck");
+    publisher.lua(&format!("publish_batch({SENT}, 1) finish()"));
+    publisher.wait("all done");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        stuck.lua(r#"say("distinct", distinct)"#);
+        let count = stuck.wait("distinct");
+        if count == format!("distinct {SENT}") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{count} of {SENT} after the callback returned"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+#[test]
 fn auto_reconnect_retries_a_first_connect_that_failed() {
     let Some(broker) = mosquitto() else { return };
     let proxy = common::proxy::FaultProxy::start(broker.port);

@@ -8,8 +8,8 @@ use bytes::Bytes;
 use common::mosquitto::{Mosquitto, MosquittoConfig};
 use crossbeam_channel::{Receiver, unbounded};
 use luadriver::mqtt::{
-    ConnectOptions, MqttCommand, MqttEvent, MqttHandle, MsgId, Props, ProtocolVersion,
-    PublishRequest, Secret, spawn_client,
+    ConnectOptions, EventBacklog, MqttCommand, MqttEvent, MqttHandle, MsgId, Props,
+    ProtocolVersion, PublishRequest, Secret, spawn_client,
 };
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -37,11 +37,17 @@ struct Client {
 
 impl Client {
     fn new() -> Client {
+        Self::with_backlog(EventBacklog::unlimited())
+    }
+
+    /// A client whose events count in `backlog`; the test plays the driver loop.
+    fn with_backlog(backlog: Arc<EventBacklog>) -> Client {
         let (tx, events) = unbounded();
         let handle = spawn_client(
             runtime().handle(),
             &tokio_util::task::TaskTracker::new(),
             Arc::new(move |event| tx.send(event).is_ok()),
+            backlog,
         );
         Client {
             handle,
@@ -769,4 +775,122 @@ fn dropping_the_last_handle_disconnects_cleanly() {
     );
     assert!(received.ends_with(&[0xE0, 0x00]), "{received:x?}");
     assert!(!status.is_connected());
+}
+
+#[test]
+fn a_worker_stops_reading_while_its_driver_is_behind_and_loses_nothing() {
+    if !Mosquitto::available() {
+        return;
+    }
+    // The broker keeps what the paused subscriber does not read.
+    let broker = Mosquitto::start_with(MosquittoConfig {
+        extra: vec!["max_queued_messages 0".into()],
+        ..Default::default()
+    });
+    const LIMIT: usize = 100;
+    const SENT: usize = 2_000;
+    let backlog = EventBacklog::new(LIMIT);
+    let mut subscriber = Client::with_backlog(Arc::clone(&backlog));
+    subscriber.connect_ok(options(broker.port, ProtocolVersion::V5, "sub-behind"));
+    subscriber.subscribe("behind/#", 1);
+    // The Connected and Subscribed events were "dispatched" by the test.
+    while !backlog.is_empty() {
+        backlog.taken();
+    }
+
+    let mut publisher = Client::new();
+    publisher.connect_ok(options(broker.port, ProtocolVersion::V5, "pub-behind"));
+    // 1 KB each: one read of the subscriber takes at most 64 of them.
+    let ids: Vec<MsgId> = (0..SENT)
+        .map(|i| {
+            let payload = format!("{i:>1024}");
+            publisher.publish("behind/x", payload, 1, Props::default())
+        })
+        .collect();
+    publisher.collect_published(&ids, Duration::from_secs(30));
+
+    // Not dispatching anything: the worker must stop near the limit.
+    let mut seen = std::collections::HashSet::new();
+    let take = |seen: &mut std::collections::HashSet<Bytes>, event: MqttEvent| {
+        if let MqttEvent::Message { payload, .. } = event {
+            assert!(seen.insert(payload), "a message was delivered twice");
+        }
+    };
+    while let Ok(event) = subscriber.events.recv_timeout(Duration::from_millis(500)) {
+        take(&mut seen, event);
+    }
+    let held = backlog.len();
+    assert!(
+        (LIMIT..LIMIT + 200).contains(&held),
+        "{held} events handed over while the driver dispatched none (limit {LIMIT})"
+    );
+    // Dispatching them lets the worker read on, until every message has come, once.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while seen.len() < SENT {
+        while !backlog.is_empty() {
+            backlog.taken();
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        match subscriber.events.recv_timeout(left) {
+            Ok(event) => take(&mut seen, event),
+            Err(_) => panic!(
+                "{} of {SENT} messages after the driver caught up",
+                seen.len()
+            ),
+        }
+    }
+}
+
+#[test]
+fn a_paused_worker_keeps_its_link_alive_past_two_keepalives() {
+    if !Mosquitto::available() {
+        return;
+    }
+    let broker = Mosquitto::start_with(MosquittoConfig {
+        extra: vec!["max_queued_messages 0".into()],
+        ..Default::default()
+    });
+    let backlog = EventBacklog::new(10);
+    let mut subscriber = Client::with_backlog(Arc::clone(&backlog));
+    let mut opts = options(broker.port, ProtocolVersion::V311, "sub-paused");
+    opts.keepalive = Duration::from_secs(5);
+    subscriber.connect_ok(opts);
+    subscriber.subscribe("paused/#", 1);
+    while !backlog.is_empty() {
+        backlog.taken();
+    }
+    let mut publisher = Client::new();
+    publisher.connect_ok(options(broker.port, ProtocolVersion::V311, "pub-paused"));
+    let ids: Vec<MsgId> = (0..100)
+        .map(|i| publisher.publish("paused/x", format!("{i:>1024}"), 1, Props::default()))
+        .collect();
+    publisher.collect_published(&ids, WAIT);
+    // Paused for longer than the broker's 1.5 and our 2 keep-alive periods: neither side
+    // may give up on the link (PINGRESPs wait in the socket with everything else).
+    let paused_until = Instant::now() + Duration::from_secs(12);
+    let mut messages = 0;
+    while let Ok(event) = subscriber
+        .events
+        .recv_timeout(paused_until.saturating_duration_since(Instant::now()))
+    {
+        match event {
+            MqttEvent::Message { .. } => messages += 1,
+            MqttEvent::Disconnected { .. } => panic!("link dropped while paused: {event:?}"),
+            _ => {}
+        }
+    }
+    assert!(messages < 100, "the worker read on while full");
+    let deadline = Instant::now() + WAIT;
+    while messages < 100 {
+        while !backlog.is_empty() {
+            backlog.taken();
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        match subscriber.events.recv_timeout(left) {
+            Ok(MqttEvent::Message { .. }) => messages += 1,
+            Ok(event @ MqttEvent::Disconnected { .. }) => panic!("link dropped: {event:?}"),
+            Ok(_) => {}
+            Err(_) => panic!("{messages} of 100 messages after the driver caught up"),
+        }
+    }
 }

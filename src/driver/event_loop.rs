@@ -193,6 +193,7 @@ impl DriverLoop {
                 }
             }
             DriverEvent::Mqtt { client, event } => {
+                self.io.mqtt_event_taken();
                 if let Err(e) = c4::mqtt::deliver(&self.lua, client, event) {
                     self.report("MQTT callback", &e);
                 }

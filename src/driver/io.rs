@@ -19,8 +19,9 @@
 
 use super::event::{DriverEvent, EventReceiver};
 use super::shared_io;
-use crate::mqtt::{self, EventSink, MqttHandle};
+use crate::mqtt::{self, EventBacklog, EventSink, MqttHandle};
 use std::cell::Cell;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::runtime::{Builder, Handle, Runtime};
 use tokio::sync::mpsc::error::TryRecvError;
@@ -55,6 +56,8 @@ pub struct DriverIo {
     /// The shared I/O thread's runtime, when the workers run there.
     shared: Option<Handle>,
     workers: TaskTracker,
+    /// MQTT events the workers handed over and the loop has not dispatched yet.
+    backlog: Arc<EventBacklog>,
     /// Events handled since the workers last had a turn.
     since_turn: Cell<u32>,
     /// Something was handed to a worker since its last turn.
@@ -76,6 +79,7 @@ impl DriverIo {
             rt,
             shared,
             workers: TaskTracker::new(),
+            backlog: EventBacklog::new(EventBacklog::DEFAULT_LIMIT),
             since_turn: Cell::new(0),
             wants_turn: Cell::new(false),
         })
@@ -85,7 +89,12 @@ impl DriverIo {
     /// for it.
     pub fn spawn_client(&self, sink: EventSink) -> MqttHandle {
         let rt = self.shared.as_ref().unwrap_or(self.rt.handle());
-        mqtt::spawn_client(rt, &self.workers, sink)
+        mqtt::spawn_client(rt, &self.workers, sink, Arc::clone(&self.backlog))
+    }
+
+    /// The loop dispatched one MQTT event: the workers may read again once enough are.
+    pub fn mqtt_event_taken(&self) {
+        self.backlog.taken();
     }
 
     /// Notes that commands were handed to a worker: it gets a turn before the next event.

@@ -8,6 +8,7 @@
 //! window, resends, exactly-once completion); `link` opens a connection; `worker` is the
 //! task that ties them to a socket.
 
+mod backlog;
 pub mod codes;
 mod link;
 pub mod outbox;
@@ -16,6 +17,7 @@ mod types;
 pub mod wire;
 mod worker;
 
+pub use backlog::EventBacklog;
 pub use types::*;
 
 use std::sync::Arc;
@@ -51,17 +53,18 @@ impl MqttHandle {
 }
 
 /// Starts one client's worker on `rt`, counted in `workers` (so its owner can wait for it
-/// to close); its events go to `sink`. Nothing connects until a [`MqttCommand::Connect`]
-/// arrives.
+/// to close); its events go to `sink`, counted in `backlog` (it stops reading while that is
+/// full). Nothing connects until a [`MqttCommand::Connect`] arrives.
 pub fn spawn_client(
     rt: &tokio::runtime::Handle,
     workers: &TaskTracker,
     sink: EventSink,
+    backlog: Arc<EventBacklog>,
 ) -> MqttHandle {
     let (commands, commands_rx) = mpsc::unbounded_channel();
     let status = Arc::new(ClientStatus::default());
     workers.spawn_on(
-        worker::Worker::new(commands_rx, sink, status.clone()).run(),
+        worker::Worker::new(commands_rx, sink, backlog, status.clone()).run(),
         rt,
     );
     MqttHandle { commands, status }

@@ -6,6 +6,7 @@
 //! [`ClientStatus`] atomics. Each wake-up drains every ready command, encodes everything
 //! the window allows into one buffer and writes it with one flush.
 
+use super::backlog::EventBacklog;
 use super::codes::{err, reason, reason_code_to_string};
 use super::link::{self, AttemptFailure, Link, packet_name};
 use super::outbox::{AckOutcome, Completion, ControlKind, Outbox, Outgoing};
@@ -42,6 +43,8 @@ enum Wake {
     Read(std::io::Result<usize>),
     KeepAlive,
     Retry,
+    /// The driver caught up on its backlog: reading may resume.
+    Drained,
 }
 
 pub struct Worker {
@@ -49,6 +52,8 @@ pub struct Worker {
     /// Commands that arrived while a connection attempt was under way.
     deferred: VecDeque<MqttCommand>,
     sink: EventSink,
+    /// The driver's undispatched events, this worker's among them: no reading while full.
+    backlog: Arc<EventBacklog>,
     status: Arc<ClientStatus>,
     /// Events of the current step, delivered when it ends (see `emit`).
     events_out: Vec<MqttEvent>,
@@ -74,12 +79,14 @@ impl Worker {
     pub fn new(
         commands: UnboundedReceiver<MqttCommand>,
         sink: EventSink,
+        backlog: Arc<EventBacklog>,
         status: Arc<ClientStatus>,
     ) -> Worker {
         Worker {
             commands,
             deferred: VecDeque::new(),
             sink,
+            backlog,
             status,
             options: None,
             outbox: Outbox::new(20, None),
@@ -132,6 +139,7 @@ impl Worker {
                 self.retry_at = None;
                 self.connect(true).await;
             }
+            Wake::Drained => {}
         }
         if !self.closed && !self.deaf {
             self.flush().await;
@@ -143,8 +151,20 @@ impl Worker {
     async fn wait(&mut self) -> Wake {
         match &mut self.link {
             Some(link) => {
-                link.reserve_read();
                 let deadline = link.keepalive_deadline();
+                // Armed before the check, so a drain in between still wakes this worker.
+                let drained = self.backlog.drained();
+                tokio::pin!(drained);
+                drained.as_mut().enable();
+                if self.backlog.is_full() {
+                    // The driver is behind: what the broker sends stays in the socket.
+                    return tokio::select! {
+                        cmd = self.commands.recv() => Wake::Command(cmd),
+                        _ = drained => Wake::Drained,
+                        _ = sleep_until_some(deadline) => Wake::KeepAlive,
+                    };
+                }
+                link.reserve_read();
                 tokio::select! {
                     cmd = self.commands.recv() => Wake::Command(cmd),
                     read = link.stream.read_buf(&mut link.read_buf) => Wake::Read(read),
@@ -175,6 +195,8 @@ impl Worker {
     /// Hands the queued events to the driver, in order.
     fn deliver_events(&mut self) {
         for event in self.events_out.drain(..) {
+            // Counted before it is sent: the driver may dispatch it at once.
+            self.backlog.added();
             if !self.deaf && !(self.sink)(event) {
                 log::debug!(target: "luadriver::mqtt", "event sink closed; stopping");
                 self.deaf = true;
@@ -695,6 +717,13 @@ impl Worker {
         match link.keepalive_deadline() {
             Some(deadline) if now >= deadline => {}
             _ => return,
+        }
+        if link.ping_sent.is_some() && self.backlog.is_full() {
+            // Not reading: the answer may be in the socket. Ping again so the broker keeps
+            // hearing from us; the link is judged again once reading resumes.
+            link.ping_sent = Some(now);
+            self.send(&Packet::PingReq);
+            return;
         }
         if link.ping_sent.is_some() {
             let secs = link.keepalive.as_secs();
