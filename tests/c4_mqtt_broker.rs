@@ -777,10 +777,7 @@ fn a_driver_stuck_in_a_callback_gets_every_message_once_it_returns() {
         return;
     }
     // The broker keeps what the stuck driver's worker leaves unread.
-    let broker = Mosquitto::start_with(MosquittoConfig {
-        extra: vec!["max_queued_messages 0".into()],
-        ..Default::default()
-    });
+    let broker = Mosquitto::start_with_unlimited_queues();
     const SENT: usize = 30_000;
     let stuck = Session::start_in(
         IoThread::Shared,

@@ -783,10 +783,7 @@ fn a_worker_stops_reading_while_its_driver_is_behind_and_loses_nothing() {
         return;
     }
     // The broker keeps what the paused subscriber does not read.
-    let broker = Mosquitto::start_with(MosquittoConfig {
-        extra: vec!["max_queued_messages 0".into()],
-        ..Default::default()
-    });
+    let broker = Mosquitto::start_with_unlimited_queues();
     const LIMIT: usize = 100;
     const SENT: usize = 2_000;
     let backlog = EventBacklog::new(LIMIT);
@@ -846,10 +843,7 @@ fn a_paused_worker_keeps_its_link_alive_past_two_keepalives() {
     if !Mosquitto::available() {
         return;
     }
-    let broker = Mosquitto::start_with(MosquittoConfig {
-        extra: vec!["max_queued_messages 0".into()],
-        ..Default::default()
-    });
+    let broker = Mosquitto::start_with_unlimited_queues();
     let backlog = EventBacklog::new(10);
     let mut subscriber = Client::with_backlog(Arc::clone(&backlog));
     let mut opts = options(broker.port, ProtocolVersion::V311, "sub-paused");

@@ -50,6 +50,14 @@ impl Mosquitto {
         Self::start_with(MosquittoConfig::default())
     }
 
+    /// A broker that holds, without limit, what a slow subscriber has not read yet.
+    pub fn start_with_unlimited_queues() -> Mosquitto {
+        Self::start_with(MosquittoConfig {
+            extra: vec!["max_queued_messages 0".into()],
+            ..Default::default()
+        })
+    }
+
     pub fn start_with(config: MosquittoConfig) -> Mosquitto {
         let dir = tempfile::tempdir().expect("temp dir for mosquitto");
         let mut broker = Mosquitto {
