@@ -1185,26 +1185,29 @@ impl Drop for Pinning {
     fn drop(&mut self) {
         let Some(before) = &self.before else { return };
         for &tid in &self.pinned {
-            // SAFETY: as in `set_affinity`.
-            unsafe {
-                libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), before);
-            }
+            apply_affinity(tid, before);
         }
     }
 }
 
 /// Runs thread or process `tid` (0: the calling thread) on `cpus` only. False if refused.
 fn set_affinity(tid: i32, cpus: &[usize]) -> bool {
-    // SAFETY: `set` is a plain bit set, initialised by CPU_ZERO before use, and its size is
-    // passed along with it.
-    unsafe {
+    // SAFETY: `set` is a plain bit set, initialised by CPU_ZERO before use.
+    let set = unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_ZERO(&mut set);
         for &cpu in cpus {
             libc::CPU_SET(cpu, &mut set);
         }
-        libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set) == 0
-    }
+        set
+    };
+    apply_affinity(tid, &set)
+}
+
+/// Runs thread or process `tid` (0: the calling thread) on the CPUs of `set`.
+fn apply_affinity(tid: i32, set: &libc::cpu_set_t) -> bool {
+    // SAFETY: `set` is a whole cpu_set_t and its size is passed along with it.
+    unsafe { libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), set) == 0 }
 }
 
 /// This process's threads whose names start with one of `prefixes`.

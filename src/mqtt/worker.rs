@@ -152,17 +152,19 @@ impl Worker {
         match &mut self.link {
             Some(link) => {
                 let deadline = link.keepalive_deadline();
-                // Armed before the check, so a drain in between still wakes this worker.
-                let drained = self.backlog.drained();
-                tokio::pin!(drained);
-                drained.as_mut().enable();
                 if self.backlog.is_full() {
                     // The driver is behind: what the broker sends stays in the socket.
-                    return tokio::select! {
-                        cmd = self.commands.recv() => Wake::Command(cmd),
-                        _ = drained => Wake::Drained,
-                        _ = sleep_until_some(deadline) => Wake::KeepAlive,
-                    };
+                    // Armed, then checked again, so a drain in between still wakes us.
+                    let drained = self.backlog.drained();
+                    tokio::pin!(drained);
+                    drained.as_mut().enable();
+                    if self.backlog.is_full() {
+                        return tokio::select! {
+                            cmd = self.commands.recv() => Wake::Command(cmd),
+                            _ = drained => Wake::Drained,
+                            _ = sleep_until_some(deadline) => Wake::KeepAlive,
+                        };
+                    }
                 }
                 link.reserve_read();
                 tokio::select! {
@@ -195,9 +197,12 @@ impl Worker {
     /// Hands the queued events to the driver, in order.
     fn deliver_events(&mut self) {
         for event in self.events_out.drain(..) {
+            if self.deaf {
+                break;
+            }
             // Counted before it is sent: the driver may dispatch it at once.
             self.backlog.added();
-            if !self.deaf && !(self.sink)(event) {
+            if !(self.sink)(event) {
                 log::debug!(target: "luadriver::mqtt", "event sink closed; stopping");
                 self.deaf = true;
             }
@@ -718,14 +723,10 @@ impl Worker {
             Some(deadline) if now >= deadline => {}
             _ => return,
         }
-        if link.ping_sent.is_some() && self.backlog.is_full() {
-            // Not reading: the answer may be in the socket. Ping again so the broker keeps
-            // hearing from us; the link is judged again once reading resumes.
-            link.ping_sent = Some(now);
-            self.send(&Packet::PingReq);
-            return;
-        }
-        if link.ping_sent.is_some() {
+        // While paused for the driver's backlog the answer may be unread in the socket:
+        // ping again, so the broker keeps hearing from us, and judge the link once reading
+        // resumes.
+        if link.ping_sent.is_some() && !self.backlog.is_full() {
             let secs = link.keepalive.as_secs();
             self.lost(
                 reason::KEEP_ALIVE_TIMEOUT,
